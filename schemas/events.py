@@ -1,0 +1,178 @@
+"""Kafka payloads and the event envelope that carries them."""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+
+from schemas.brief import Recipient, SubjectUse, TemplateRef
+from schemas.common import Locale, Scope, Slug, UtcDatetime, utcnow
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    event_type: ClassVar[str]
+    schema_version: ClassVar[int] = 1
+
+
+class RenderRequested(_Payload):
+    event_type: ClassVar[str] = "render.requested"
+
+    job_id: uuid.UUID
+    campaign_id: Slug
+    recipient: Recipient
+    template: TemplateRef
+    locale: Locale
+    requested_at: UtcDatetime = Field(default_factory=utcnow)
+
+    @property
+    def subjects(self) -> tuple[SubjectUse, ...]:
+        return self.recipient.subjects
+
+
+class ClipRendered(_Payload):
+    event_type: ClassVar[str] = "clip.rendered"
+
+    job_id: uuid.UUID
+    campaign_id: Slug
+    recipient_id: Slug
+    staging_key: str
+    poster_key: str | None = None
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    duration_s: float = Field(gt=0)
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    rendered_at: UtcDatetime = Field(default_factory=utcnow)
+
+
+class Decision(StrEnum):
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    NEEDS_REVIEW = "needs_review"
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARN = "warn"
+    BLOCK = "block"
+
+
+class Finding(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Slug
+    severity: Severity
+    message: str
+    evidence: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModerationDecided(_Payload):
+    event_type: ClassVar[str] = "moderation.decided"
+
+    job_id: uuid.UUID
+    campaign_id: Slug
+    decision: Decision
+    findings: tuple[Finding, ...] = ()
+    decided_by: str = "auto"
+    reason: str = ""
+    decided_at: UtcDatetime = Field(default_factory=utcnow)
+
+
+class ClipPublished(_Payload):
+    event_type: ClassVar[str] = "clip.published"
+
+    job_id: uuid.UUID
+    campaign_id: Slug
+    recipient_id: Slug
+    object_key: str
+    url: HttpUrl
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    published_at: UtcDatetime = Field(default_factory=utcnow)
+
+
+class ClipTakenDown(_Payload):
+    event_type: ClassVar[str] = "clip.taken_down"
+
+    job_id: uuid.UUID
+    campaign_id: Slug
+    object_key: str
+    reason: str
+    taken_down_at: UtcDatetime = Field(default_factory=utcnow)
+
+
+class ConsentChanged(_Payload):
+    event_type: ClassVar[str] = "consent.changed"
+
+    record_id: uuid.UUID
+    subject_id: Slug
+    action: Literal["grant", "revoke", "expire"]
+    scopes: frozenset[Scope]
+    purpose: str
+    expires_at: UtcDatetime | None = None
+    recorded_by: str
+    changed_at: UtcDatetime = Field(default_factory=utcnow)
+
+
+P = TypeVar("P", bound=_Payload)
+
+
+class Envelope(BaseModel, Generic[P]):
+    """Every Kafka message is one envelope. `type` and `schema_version` name the payload."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    type: str
+    schema_version: int = 1
+    occurred_at: UtcDatetime = Field(default_factory=utcnow)
+    trace_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=64)
+    payload: P
+
+    @classmethod
+    def wrap(cls, payload: P, trace_id: str | None = None) -> Envelope[P]:
+        kwargs: dict[str, Any] = {}
+        if trace_id:
+            kwargs["trace_id"] = trace_id
+        model: Any = Envelope[type(payload)]  # type: ignore[misc]
+        env: Envelope[P] = model(
+            type=payload.event_type, schema_version=payload.schema_version, payload=payload, **kwargs
+        )
+        return env
+
+
+PAYLOADS: dict[str, type[_Payload]] = {
+    m.event_type: m
+    for m in (RenderRequested, ClipRendered, ModerationDecided, ClipPublished, ClipTakenDown, ConsentChanged)
+}
+
+
+class UnknownEventType(ValueError):
+    pass
+
+
+def parse_envelope(raw: bytes | str, expect: type[P]) -> Envelope[P]:
+    """Parse and validate one message. Raises pydantic.ValidationError or UnknownEventType.
+
+    The header is checked first, so a message of the wrong type or of a newer schema says
+    so instead of listing payload fields.
+    """
+    head = _Header.model_validate_json(raw)
+    if head.type != expect.event_type:
+        raise UnknownEventType(f"expected event type {expect.event_type!r}, got {head.type!r}")
+    if head.schema_version > expect.schema_version:
+        raise UnknownEventType(
+            f"{head.type} schema_version {head.schema_version} is newer than this worker understands "
+            f"({expect.schema_version})"
+        )
+    env: Envelope[P] = Envelope[expect].model_validate_json(raw)  # type: ignore[valid-type]
+    return env
+
+
+class _Header(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    schema_version: int = 1

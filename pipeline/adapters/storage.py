@@ -1,0 +1,144 @@
+"""Object-store adapter over the MinIO SDK (MinIO in production, moto's S3 server locally)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlparse
+
+from pipeline.errors import ConfigError, PermanentError
+from pipeline.settings import Settings
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9/_.-]{0,1023}$")
+
+
+def validate_key(key: str) -> str:
+    """Object keys come from ids we validated; this is the last line of defence."""
+    if not _KEY_RE.match(key) or ".." in key or "//" in key:
+        raise PermanentError(f"unsafe object key {key!r}")
+    return key
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    metadata: dict[str, str]
+
+
+class ObjectStore:
+    def __init__(self, settings: Settings) -> None:
+        from minio import Minio
+
+        url = urlparse(settings.s3_endpoint)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise ConfigError(f"GREETFLOW_S3_ENDPOINT must be an http(s) URL, got {settings.s3_endpoint!r}")
+        self.settings = settings
+        self.client = Minio(
+            url.netloc,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key.get_secret_value(),
+            secure=url.scheme == "https",
+            region=settings.s3_region,
+        )
+
+    def put_file(
+        self,
+        bucket: str,
+        key: str,
+        path: Path,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.client.fput_object(
+            bucket,
+            validate_key(key),
+            str(path),
+            content_type=content_type,
+            metadata=dict(metadata) if metadata else None,
+        )
+
+    def put_bytes(self, bucket: str, key: str, data: bytes, *, content_type: str) -> None:
+        import io
+
+        self.client.put_object(
+            bucket, validate_key(key), io.BytesIO(data), len(data), content_type=content_type
+        )
+
+    def get_file(self, bucket: str, key: str, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.client.fget_object(bucket, validate_key(key), str(path))
+        return path
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        resp = self.client.get_object(bucket, validate_key(key))
+        try:
+            return bytes(resp.read())
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def stat(self, bucket: str, key: str) -> ObjectInfo | None:
+        from minio.error import S3Error
+
+        try:
+            st = self.client.stat_object(bucket, validate_key(key))
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                return None
+            raise
+        meta: dict[str, str] = {}
+        for k, v in (st.metadata or {}).items():
+            lk = str(k).lower()
+            if lk.startswith("x-amz-meta-"):
+                meta[lk.removeprefix("x-amz-meta-")] = str(v)
+        return ObjectInfo(key=key, size=int(st.size or 0), etag=str(st.etag), metadata=meta)
+
+    def exists(self, bucket: str, key: str) -> bool:
+        return self.stat(bucket, key) is not None
+
+    def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str) -> None:
+        from minio.commonconfig import CopySource
+
+        self.client.copy_object(
+            dst_bucket, validate_key(dst_key), CopySource(src_bucket, validate_key(src_key))
+        )
+
+    def remove(self, bucket: str, key: str) -> None:
+        self.client.remove_object(bucket, validate_key(key))
+
+    def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        return [
+            str(o.object_name)
+            for o in self.client.list_objects(bucket, prefix=prefix or None, recursive=True)
+        ]
+
+    def presigned_get(self, bucket: str, key: str, *, expires_s: int = 3600) -> str:
+        return str(
+            self.client.presigned_get_object(bucket, validate_key(key), expires=timedelta(seconds=expires_s))
+        )
+
+    def public_url(self, key: str) -> str:
+        return f"{self.settings.resolved_distribution_base_url}/{quote(validate_key(key))}"
+
+    def ensure_buckets(self, buckets: list[str]) -> None:
+        for bucket in buckets:
+            if not self.client.bucket_exists(bucket):
+                self.client.make_bucket(bucket)
+
+    def health(self) -> dict[str, Any]:
+        return {"buckets": [b.name for b in self.client.list_buckets()]}

@@ -1,0 +1,15 @@
+"""Object keys, derived only from validated ids (never from free user text)."""
+
+from __future__ import annotations
+
+import uuid
+
+from pipeline.adapters.storage import validate_key
+
+
+def clip_key(campaign_id: str, recipient_id: str, job_id: uuid.UUID, ext: str = "mp4") -> str:
+    return validate_key(f"{campaign_id}/{recipient_id}/{job_id}.{ext}")
+
+
+def poster_key(campaign_id: str, recipient_id: str, job_id: uuid.UUID) -> str:
+    return clip_key(campaign_id, recipient_id, job_id, "jpg")

@@ -1,0 +1,34 @@
+"""The small interfaces services depend on, so they can be tested without Kafka or S3."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from schemas.events import RenderRequested, _Payload
+
+
+class EventPublisher(Protocol):
+    def publish(self, topic: str, payload: _Payload, *, key: str, trace_id: str | None = None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class RenderedClip:
+    video_path: Path
+    poster_path: Path
+    sha256: str
+    duration_s: float
+    width: int
+    height: int
+    # Optional extras (renderers that do not make them leave them None).
+    captions_path: Path | None = None  # WebVTT sidecar of the voice line
+    template: str | None = None  # "name@version" the clip was rendered from
+    generator: str | None = None  # model id of the generated visuals
+
+
+class Renderer(Protocol):
+    """Renders one clip into out_dir. `photo` is the subject photo, already fetched from
+    the assets bucket, when the recipient has one."""
+
+    def __call__(self, req: RenderRequested, out_dir: Path, photo: Path | None) -> RenderedClip: ...

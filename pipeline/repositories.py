@@ -1,0 +1,1044 @@
+"""Repositories: the only code that reads and writes the tables in pipeline.adapters.db.
+
+Services get and pass plain frozen dataclasses, never ORM objects. Job state changes are
+compare-and-set UPDATEs guarded by schemas.jobs.can_transition, so two workers racing on
+one job cannot both win.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from pipeline.adapters.db import (
+    ConsentChallengeRow,
+    ConsentRow,
+    Database,
+    JobEventRow,
+    JobRow,
+    JobSubjectRow,
+    ModerationResultRow,
+    ProtectedFaceRow,
+    PublishedClipRow,
+    SubjectFaceRow,
+)
+from schemas.brief import SubjectUse
+from schemas.common import Locale, Scope, utcnow
+from schemas.events import Decision, Finding, RenderRequested
+from schemas.jobs import FINAL_STATES, JobState, can_transition
+
+Clock = Callable[[], datetime]
+ConsentAction = Literal["grant", "revoke", "expire"]
+ANY_PURPOSE = "*"
+
+JOB_FIELDS: frozenset[str] = frozenset({"staging_key", "poster_key", "published_key", "url"})
+"""Columns that `JobRepository.transition` may set besides the state."""
+
+
+def _job_key(job_id: uuid.UUID | str) -> str:
+    # Also validates: a malformed id raises ValueError instead of silently matching nothing.
+    return str(job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id)))
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: uuid.UUID
+    campaign_id: str
+    recipient_id: str
+    template_name: str
+    template_version: str
+    locale: Locale
+    state: JobState
+    reason: str | None
+    request_json: dict[str, Any] = field(hash=False, compare=False)
+    staging_key: str | None
+    poster_key: str | None
+    published_key: str | None
+    url: str | None
+    claim_token: str | None
+    claimed_by: str | None
+    lease_expires_at: datetime | None
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def request(self) -> RenderRequested:
+        return RenderRequested.model_validate(self.request_json)
+
+    @classmethod
+    def _from_row(cls, r: JobRow) -> JobRecord:
+        return cls(
+            job_id=uuid.UUID(r.job_id),
+            campaign_id=r.campaign_id,
+            recipient_id=r.recipient_id,
+            template_name=r.template_name,
+            template_version=r.template_version,
+            locale=Locale(r.locale),
+            state=JobState(r.state),
+            reason=r.reason,
+            request_json=dict(r.request_json),
+            staging_key=r.staging_key,
+            poster_key=r.poster_key,
+            published_key=r.published_key,
+            url=r.url,
+            claim_token=r.claim_token,
+            claimed_by=r.claimed_by,
+            lease_expires_at=r.lease_expires_at,
+            attempts=r.attempts,
+            created_at=r.created_at,
+            updated_at=r.updated_at,
+        )
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    id: int
+    job_id: uuid.UUID
+    from_state: JobState | None  # None: the job was created
+    to_state: JobState
+    reason: str | None
+    actor: str
+    at: datetime
+
+    @classmethod
+    def _from_row(cls, r: JobEventRow) -> JobEvent:
+        return cls(
+            id=r.id,
+            job_id=uuid.UUID(r.job_id),
+            from_state=JobState(r.from_state) if r.from_state is not None else None,
+            to_state=JobState(r.to_state),
+            reason=r.reason,
+            actor=r.actor,
+            at=r.at,
+        )
+
+
+@dataclass(frozen=True)
+class ConsentRecord:
+    """One entry of the append-only consent ledger.
+
+    `granted_at` is when the record takes effect, whatever its action (for a revoke: the
+    moment of revocation). `supersedes` names an earlier record of the same subject that
+    this one ends (a revoke of one grant, or a grant that replaces an older one).
+    """
+
+    subject_id: str
+    action: ConsentAction
+    scopes: frozenset[Scope]
+    purpose: str
+    recorded_by: str
+    granted_at: datetime = field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    evidence_sha256: str | None = None
+    evidence_key: str | None = None
+    challenge_code: str | None = None
+    supersedes: uuid.UUID | None = None
+    record_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    created_at: datetime = field(default_factory=utcnow)
+
+    def active_at(self, at: datetime) -> bool:
+        return self.granted_at <= at and (self.expires_at is None or at < self.expires_at)
+
+    @classmethod
+    def _from_row(cls, r: ConsentRow) -> ConsentRecord:
+        action: ConsentAction
+        if r.action == "grant":
+            action = "grant"
+        elif r.action == "revoke":
+            action = "revoke"
+        elif r.action == "expire":
+            action = "expire"
+        else:
+            raise ValueError(f"unknown consent action {r.action!r} in record {r.record_id}")
+        return cls(
+            record_id=uuid.UUID(r.record_id),
+            subject_id=r.subject_id,
+            action=action,
+            scopes=frozenset(Scope(s) for s in r.scopes),
+            purpose=r.purpose,
+            granted_at=r.granted_at,
+            expires_at=r.expires_at,
+            evidence_sha256=r.evidence_sha256,
+            evidence_key=r.evidence_key,
+            challenge_code=r.challenge_code,
+            recorded_by=r.recorded_by,
+            created_at=r.created_at,
+            supersedes=uuid.UUID(r.supersedes) if r.supersedes is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class PublishedClip:
+    job_id: uuid.UUID
+    object_key: str
+    url: str
+    sha256: str
+    published_at: datetime
+    taken_down_at: datetime | None
+    takedown_reason: str | None
+
+    @property
+    def live(self) -> bool:
+        return self.taken_down_at is None
+
+    @classmethod
+    def _from_row(cls, r: PublishedClipRow) -> PublishedClip:
+        return cls(
+            job_id=uuid.UUID(r.job_id),
+            object_key=r.object_key,
+            url=r.url,
+            sha256=r.sha256,
+            published_at=r.published_at,
+            taken_down_at=r.taken_down_at,
+            takedown_reason=r.takedown_reason,
+        )
+
+
+class InvalidChallenge(ValueError):
+    """A consent challenge code that is unknown for the subject, expired or already used."""
+
+
+@dataclass(frozen=True)
+class ConsentChallenge:
+    challenge_id: uuid.UUID
+    subject_id: str
+    code: str
+    issued_by: str
+    issued_at: datetime
+    expires_at: datetime
+    used_at: datetime | None
+    used_by_record: uuid.UUID | None
+
+    @classmethod
+    def _from_row(cls, r: ConsentChallengeRow) -> ConsentChallenge:
+        return cls(
+            challenge_id=uuid.UUID(r.challenge_id),
+            subject_id=r.subject_id,
+            code=r.code,
+            issued_by=r.issued_by,
+            issued_at=r.issued_at,
+            expires_at=r.expires_at,
+            used_at=r.used_at,
+            used_by_record=uuid.UUID(r.used_by_record) if r.used_by_record else None,
+        )
+
+
+@dataclass(frozen=True)
+class FaceEmbedding:
+    """A 128-d face descriptor, the model that made it and the hash of the source image."""
+
+    values: tuple[float, ...]
+    model: str
+    source_sha256: str
+
+
+@dataclass(frozen=True)
+class ProtectedFace:
+    id: int
+    name: str
+    subject_id: str | None
+    embedding: tuple[float, ...]
+    model: str
+    source_sha256: str
+    enrolled_by: str
+    created_at: datetime
+
+    @classmethod
+    def _from_row(cls, r: ProtectedFaceRow) -> ProtectedFace:
+        return cls(
+            id=r.id,
+            name=r.name,
+            subject_id=r.subject_id,
+            embedding=tuple(float(v) for v in r.embedding),
+            model=r.model,
+            source_sha256=r.source_sha256,
+            enrolled_by=r.enrolled_by,
+            created_at=r.created_at,
+        )
+
+
+@dataclass(frozen=True)
+class ModerationResult:
+    id: int
+    job_id: uuid.UUID
+    decision: Decision
+    findings: tuple[Finding, ...]
+    decided_by: str
+    reason: str
+    created_at: datetime
+
+    @classmethod
+    def _from_row(cls, r: ModerationResultRow) -> ModerationResult:
+        return cls(
+            id=r.id,
+            job_id=uuid.UUID(r.job_id),
+            decision=Decision(r.decision),
+            findings=tuple(Finding.model_validate(f) for f in r.findings),
+            decided_by=r.decided_by,
+            reason=r.reason,
+            created_at=r.created_at,
+        )
+
+
+class JobRepository:
+    def __init__(self, db: Database, *, clock: Clock = utcnow) -> None:
+        self._db = db
+        self._clock = clock
+
+    def create_if_absent(self, req: RenderRequested, *, actor: str = "system") -> bool:
+        """Insert the job in state `requested`; False, writing nothing, if the job id exists."""
+        key = _job_key(req.job_id)
+        now = self._clock()
+        try:
+            with self._db.session() as s:
+                if s.get(JobRow, key) is not None:
+                    return False
+                s.add(
+                    JobRow(
+                        job_id=key,
+                        campaign_id=req.campaign_id,
+                        recipient_id=req.recipient.id,
+                        template_name=req.template.name,
+                        template_version=req.template.version,
+                        locale=str(req.locale),
+                        state=JobState.REQUESTED.value,
+                        request_json=req.model_dump(mode="json"),
+                        attempts=0,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                s.flush()  # the job row first: job_events references it
+                s.add(_event(key, None, JobState.REQUESTED, None, actor, now))
+        except IntegrityError:
+            # A concurrent insert of the same job won; anything else is a real error.
+            if self.get(key) is None:
+                raise
+            return False
+        return True
+
+    def get(self, job_id: uuid.UUID | str) -> JobRecord | None:
+        with self._db.session() as s:
+            row = s.get(JobRow, _job_key(job_id))
+            return JobRecord._from_row(row) if row is not None else None
+
+    def claim(
+        self,
+        job_id: uuid.UUID | str,
+        *,
+        to_state: JobState,
+        from_states: Iterable[JobState],
+        owner: str,
+        lease_s: float,
+    ) -> JobRecord | None:
+        """Move the job into a working state under a lease; None when another worker holds it.
+
+        Wins when the job is in one of `from_states`, or already in `to_state` with an
+        expired (or no) lease: its previous owner died. Leases are timed by this process's
+        clock, so keep worker clocks in sync (NTP) and leases well above the skew. The
+        returned record carries the fresh `claim_token` to pass to `transition`.
+        """
+        sources = frozenset(JobState(f) for f in from_states)
+        for src in sources:
+            if not can_transition(src, to_state):
+                raise ValueError(f"illegal transition {src} -> {to_state}")
+        if lease_s <= 0:
+            raise ValueError("lease_s must be positive")
+        key = _job_key(job_id)
+        now = self._clock()
+        token = uuid.uuid4().hex
+        with self._db.session() as s:
+            current = s.execute(select(JobRow.state).where(JobRow.job_id == key)).scalar()
+            if current is None:
+                return None
+            prev = JobState(current)
+            if prev in sources:
+                guard = JobRow.state == prev.value
+            elif prev == to_state:
+                # No lease at all (moved there without a claim) counts as expired.
+                guard = (JobRow.state == prev.value) & or_(
+                    JobRow.lease_expires_at.is_(None), JobRow.lease_expires_at < now
+                )
+            else:
+                return None
+            result = s.execute(
+                update(JobRow)
+                .where(JobRow.job_id == key, guard)
+                .values(
+                    state=to_state.value,
+                    claim_token=token,
+                    claimed_by=owner,
+                    lease_expires_at=now + timedelta(seconds=lease_s),
+                    attempts=JobRow.attempts + 1,
+                    updated_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if _rowcount(result) != 1:
+                return None
+            if prev != to_state:
+                s.add(_event(key, prev, to_state, None, owner, now))
+            s.flush()
+            row = s.execute(
+                select(JobRow).where(JobRow.job_id == key).execution_options(populate_existing=True)
+            ).scalar_one()
+            return JobRecord._from_row(row)
+
+    def transition(
+        self,
+        job_id: uuid.UUID | str,
+        *,
+        to_state: JobState,
+        expected: JobState,
+        claim_token: str | None = None,
+        reason: str | None = None,
+        actor: str = "system",
+        **fields: str | None,
+    ) -> bool:
+        """CAS `expected` -> `to_state` (and the claim token, when given); releases the lease.
+
+        `fields` may set staging_key, poster_key, published_key and url. Returns whether
+        this call won.
+        """
+        if not can_transition(expected, to_state):
+            raise ValueError(f"illegal transition {expected} -> {to_state}")
+        unknown = set(fields) - JOB_FIELDS
+        if unknown:
+            raise TypeError(
+                f"transition() cannot set {sorted(unknown)}; allowed: {sorted(JOB_FIELDS)}"
+            )
+        key = _job_key(job_id)
+        now = self._clock()
+        conds = [JobRow.job_id == key, JobRow.state == expected.value]
+        if claim_token is not None:
+            conds.append(JobRow.claim_token == claim_token)
+        values: dict[str, Any] = {
+            "state": to_state.value,
+            "claim_token": None,
+            "claimed_by": None,
+            "lease_expires_at": None,
+            "updated_at": now,
+            **fields,
+        }
+        if reason is not None:
+            values["reason"] = reason
+        with self._db.session() as s:
+            result = s.execute(
+                update(JobRow)
+                .where(*conds)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            if _rowcount(result) != 1:
+                return False
+            s.add(_event(key, expected, to_state, reason, actor, now))
+        return True
+
+    def release(self, job_id: uuid.UUID | str, *, claim_token: str) -> bool:
+        """Give up a claim and keep the state: the lease ends now, so a retry of the same
+        message (by any worker) can claim the job again at once. False if the token is stale."""
+        with self._db.session() as s:
+            result = s.execute(
+                update(JobRow)
+                .where(JobRow.job_id == _job_key(job_id), JobRow.claim_token == claim_token)
+                .values(claim_token=None, claimed_by=None, lease_expires_at=None, updated_at=self._clock())
+                .execution_options(synchronize_session=False)
+            )
+            return _rowcount(result) == 1
+
+    def fail(self, job_id: uuid.UUID | str, reason: str, actor: str = "system") -> bool:
+        """Any non-final state -> failed. False if the job is missing or already final."""
+        if not reason:
+            raise ValueError("a failure needs a reason")
+        key = _job_key(job_id)
+        # Retry when a concurrent transition moves the job between two non-final states.
+        for _ in range(10):
+            with self._db.session() as s:
+                current = s.execute(select(JobRow.state).where(JobRow.job_id == key)).scalar()
+                if current is None or JobState(current) in FINAL_STATES:
+                    return False
+                prev = JobState(current)
+                now = self._clock()
+                result = s.execute(
+                    update(JobRow)
+                    .where(JobRow.job_id == key, JobRow.state == prev.value)
+                    .values(
+                        state=JobState.FAILED.value,
+                        reason=reason,
+                        claim_token=None,
+                        claimed_by=None,
+                        lease_expires_at=None,
+                        updated_at=now,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                if _rowcount(result) == 1:
+                    s.add(_event(key, prev, JobState.FAILED, reason, actor, now))
+                    return True
+        return False
+
+    def history(self, job_id: uuid.UUID | str) -> list[JobEvent]:
+        with self._db.session() as s:
+            rows = s.scalars(
+                select(JobEventRow)
+                .where(JobEventRow.job_id == _job_key(job_id))
+                .order_by(JobEventRow.id)
+            )
+            return [JobEvent._from_row(r) for r in rows]
+
+    def list_jobs(
+        self,
+        campaign_id: str | None = None,
+        states: Iterable[JobState] | None = None,
+        limit: int = 1000,
+    ) -> list[JobRecord]:
+        q = select(JobRow)
+        if campaign_id is not None:
+            q = q.where(JobRow.campaign_id == campaign_id)
+        if states is not None:
+            q = q.where(JobRow.state.in_([JobState(st).value for st in states]))
+        q = q.order_by(JobRow.created_at, JobRow.job_id).limit(limit)
+        with self._db.session() as s:
+            return [JobRecord._from_row(r) for r in s.scalars(q)]
+
+    def counts_by_state(self, campaign_id: str) -> dict[JobState, int]:
+        """Job count per state for the campaign; every state is present (0 when none)."""
+        counts = dict.fromkeys(JobState, 0)
+        with self._db.session() as s:
+            rows = s.execute(
+                select(JobRow.state, func.count())
+                .where(JobRow.campaign_id == campaign_id)
+                .group_by(JobRow.state)
+            )
+            for state, n in rows:
+                counts[JobState(state)] = int(n)
+        return counts
+
+    # --- batched reads for campaign runs and reports (issue 6, pipeline/campaign_runs.py) ---
+    _IN_CHUNK = 500  # ids per IN (...) list: well inside SQLite's and PostgreSQL's limits
+
+    def states_of(self, job_ids: Iterable[uuid.UUID | str]) -> dict[uuid.UUID, JobState]:
+        """The current state of each existing job among `job_ids` (two columns, chunked IN)."""
+        keys = [_job_key(j) for j in job_ids]
+        out: dict[uuid.UUID, JobState] = {}
+        with self._db.session() as s:
+            for i in range(0, len(keys), self._IN_CHUNK):
+                rows = s.execute(
+                    select(JobRow.job_id, JobRow.state).where(JobRow.job_id.in_(keys[i : i + self._IN_CHUNK]))
+                )
+                for job_id, state in rows:
+                    out[uuid.UUID(job_id)] = JobState(state)
+        return out
+
+    def get_many(self, job_ids: Iterable[uuid.UUID | str]) -> list[JobRecord]:
+        """The existing jobs among `job_ids`, in the order given."""
+        keys = [_job_key(j) for j in job_ids]
+        found: dict[str, JobRecord] = {}
+        with self._db.session() as s:
+            for i in range(0, len(keys), self._IN_CHUNK):
+                for row in s.scalars(select(JobRow).where(JobRow.job_id.in_(keys[i : i + self._IN_CHUNK]))):
+                    found[row.job_id] = JobRecord._from_row(row)
+        return [found[k] for k in keys if k in found]
+
+    def history_many(self, job_ids: Iterable[uuid.UUID | str]) -> dict[uuid.UUID, list[JobEvent]]:
+        """Every job's events, oldest first (jobs without events are absent)."""
+        keys = [_job_key(j) for j in job_ids]
+        out: dict[uuid.UUID, list[JobEvent]] = {}
+        with self._db.session() as s:
+            for i in range(0, len(keys), self._IN_CHUNK):
+                rows = s.scalars(
+                    select(JobEventRow)
+                    .where(JobEventRow.job_id.in_(keys[i : i + self._IN_CHUNK]))
+                    .order_by(JobEventRow.id)
+                )
+                for r in rows:
+                    ev = JobEvent._from_row(r)
+                    out.setdefault(ev.job_id, []).append(ev)
+        return out
+
+
+def _event(
+    key: str, src: JobState | None, dst: JobState, reason: str | None, actor: str, at: datetime
+) -> JobEventRow:
+    return JobEventRow(
+        job_id=key,
+        from_state=src.value if src is not None else None,
+        to_state=dst.value,
+        reason=reason,
+        actor=actor,
+        at=at,
+    )
+
+
+class ConsentRepository:
+    """The append-only consent ledger. Nothing is updated in place (the database refuses it)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def append(self, record: ConsentRecord) -> None:
+        _validate_consent(record)
+        with self._db.session() as s:
+            _add_consent(s, record)
+
+    def append_grant(
+        self,
+        record: ConsentRecord,
+        *,
+        challenge_code: str | None,
+        faces: Sequence[FaceEmbedding] = (),
+        at: datetime | None = None,
+    ) -> None:
+        """Append a grant, redeem its challenge and store its reference faces, all or nothing.
+
+        Raises InvalidChallenge (nothing written) when the code is unknown for the subject,
+        expired or already used.
+        """
+        if record.action != "grant":
+            raise ValueError("append_grant() appends grants only")
+        _validate_consent(record)
+        now = at or utcnow()
+        with self._db.session() as s:
+            _add_consent(s, record)
+            s.flush()  # the consent row first: the challenge and the faces reference it
+            if challenge_code is not None:
+                result = s.execute(
+                    update(ConsentChallengeRow)
+                    .where(
+                        ConsentChallengeRow.subject_id == record.subject_id,
+                        ConsentChallengeRow.code == challenge_code,
+                        ConsentChallengeRow.used_at.is_(None),
+                        ConsentChallengeRow.expires_at > now,
+                    )
+                    .values(used_at=now, used_by_record=str(record.record_id))
+                    .execution_options(synchronize_session=False)
+                )
+                if _rowcount(result) != 1:
+                    raise InvalidChallenge(
+                        f"challenge code {challenge_code!r} is not valid for subject "
+                        f"{record.subject_id!r} (unknown, expired or already used)"
+                    )
+            for face in faces:
+                s.add(
+                    SubjectFaceRow(
+                        subject_id=record.subject_id,
+                        consent_record_id=str(record.record_id),
+                        embedding=[float(v) for v in face.values],
+                        model=face.model,
+                        source_sha256=face.source_sha256,
+                        created_at=now,
+                    )
+                )
+
+    def issue_challenge(
+        self, subject_id: str, code: str, *, issued_by: str, ttl_s: float, at: datetime | None = None
+    ) -> ConsentChallenge:
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        now = at or utcnow()
+        ch = ConsentChallenge(
+            challenge_id=uuid.uuid4(),
+            subject_id=subject_id,
+            code=code,
+            issued_by=issued_by,
+            issued_at=now,
+            expires_at=now + timedelta(seconds=ttl_s),
+            used_at=None,
+            used_by_record=None,
+        )
+        with self._db.session() as s:
+            s.add(
+                ConsentChallengeRow(
+                    challenge_id=str(ch.challenge_id),
+                    subject_id=subject_id,
+                    code=code,
+                    issued_by=issued_by,
+                    issued_at=ch.issued_at,
+                    expires_at=ch.expires_at,
+                )
+            )
+        return ch
+
+    def challenges(self, subject_id: str) -> list[ConsentChallenge]:
+        with self._db.session() as s:
+            rows = s.scalars(
+                select(ConsentChallengeRow)
+                .where(ConsentChallengeRow.subject_id == subject_id)
+                .order_by(ConsentChallengeRow.issued_at)
+            )
+            return [ConsentChallenge._from_row(r) for r in rows]
+
+    def get(self, record_id: uuid.UUID | str) -> ConsentRecord | None:
+        with self._db.session() as s:
+            row = s.get(ConsentRow, str(uuid.UUID(str(record_id))))
+            return ConsentRecord._from_row(row) if row is not None else None
+
+    def subject_faces(self, record_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, list[tuple[float, ...]]]:
+        """Reference embeddings stored with the given grants."""
+        keys = [str(r) for r in record_ids]
+        out: dict[uuid.UUID, list[tuple[float, ...]]] = {}
+        if not keys:
+            return out
+        with self._db.session() as s:
+            rows = s.scalars(
+                select(SubjectFaceRow)
+                .where(SubjectFaceRow.consent_record_id.in_(keys))
+                .order_by(SubjectFaceRow.id)
+            )
+            for r in rows:
+                emb = tuple(float(v) for v in r.embedding)
+                out.setdefault(uuid.UUID(r.consent_record_id), []).append(emb)
+        return out
+
+    def face_record_ids(self, subject_id: str) -> set[uuid.UUID]:
+        """Grants of the subject that still have reference faces stored."""
+        with self._db.session() as s:
+            rows = s.scalars(
+                select(SubjectFaceRow.consent_record_id)
+                .where(SubjectFaceRow.subject_id == subject_id)
+                .distinct()
+            )
+            return {uuid.UUID(r) for r in rows}
+
+    def delete_subject_faces(self, record_ids: Iterable[uuid.UUID]) -> int:
+        """Delete the reference faces of these grants (biometric data no longer needed)."""
+        keys = [str(r) for r in record_ids]
+        if not keys:
+            return 0
+        with self._db.session() as s:
+            result = s.execute(
+                delete(SubjectFaceRow)
+                .where(SubjectFaceRow.consent_record_id.in_(keys))
+                .execution_options(synchronize_session=False)
+            )
+            return _rowcount(result)
+
+    def due_expiries(self, at: datetime) -> list[ConsentRecord]:
+        """Grants whose expires_at has passed and that no later record ended yet."""
+        ended = select(ConsentRow.supersedes).where(ConsentRow.supersedes.is_not(None))
+        with self._db.session() as s:
+            rows = s.scalars(
+                select(ConsentRow)
+                .where(
+                    ConsentRow.action == "grant",
+                    ConsentRow.expires_at.is_not(None),
+                    ConsentRow.expires_at <= at,
+                    ConsentRow.record_id.not_in(ended),
+                )
+                .order_by(ConsentRow.expires_at, ConsentRow.record_id)
+            )
+            return [ConsentRecord._from_row(r) for r in rows]
+
+    def records(self, subject_id: str) -> list[ConsentRecord]:
+        """Every record of the subject, oldest first."""
+        with self._db.session() as s:
+            rows = s.scalars(
+                select(ConsentRow)
+                .where(ConsentRow.subject_id == subject_id)
+                .order_by(ConsentRow.created_at, ConsentRow.granted_at, ConsentRow.record_id)
+            )
+            return [ConsentRecord._from_row(r) for r in rows]
+
+    def effective_grants(self, subject_id: str, at: datetime) -> list[ConsentRecord]:
+        """The grants in force at `at`, each narrowed to the scopes still granted.
+
+        A grant is in force from its `granted_at` until its `expires_at`. A record that
+        took effect by `at` and names it in `supersedes` ends it entirely. A revoke or
+        expire record with no `supersedes` removes the scopes it lists from every grant
+        of the subject that took effect before (or at) it, whatever the purpose:
+        withdrawing consent is never narrower than the person meant.
+        """
+        if at.tzinfo is None:
+            raise ValueError("`at` must be timezone-aware")
+        history = [r for r in self.records(subject_id) if r.granted_at <= at]
+        ended = {r.supersedes for r in history if r.supersedes is not None}
+        blanket = [r for r in history if r.action != "grant" and r.supersedes is None]
+        out: list[ConsentRecord] = []
+        for g in history:
+            if g.action != "grant" or g.record_id in ended or not g.active_at(at):
+                continue
+            scopes = set(g.scopes)
+            for rv in blanket:
+                if g.granted_at <= rv.granted_at:
+                    scopes -= rv.scopes
+            if scopes:
+                out.append(g if scopes == g.scopes else replace(g, scopes=frozenset(scopes)))
+        return out
+
+    def covers(self, subject_id: str, scopes: Iterable[Scope], purpose: str, at: datetime) -> bool:
+        """Every scope is granted, at `at`, by some grant for `purpose` or for any purpose ("*")."""
+        wanted = {Scope(sc) for sc in scopes}
+        if not wanted:
+            raise ValueError("covers() needs at least one scope")
+        granted: set[Scope] = set()
+        for g in self.effective_grants(subject_id, at):
+            if g.purpose in (purpose, ANY_PURPOSE):
+                granted |= g.scopes
+        return wanted <= granted
+
+    def list_subjects(self) -> list[str]:
+        with self._db.session() as s:
+            return list(
+                s.scalars(select(ConsentRow.subject_id).distinct().order_by(ConsentRow.subject_id))
+            )
+
+
+def _validate_consent(record: ConsentRecord) -> None:
+    if record.action not in ("grant", "revoke", "expire"):
+        raise ValueError(f"unknown consent action {record.action!r}")
+    if record.action == "grant" and not record.scopes:
+        raise ValueError("a grant needs at least one scope")
+    if record.action != "grant" and record.supersedes is None and not record.scopes:
+        raise ValueError(f"a {record.action} record needs scopes or supersedes")
+    if not record.purpose:
+        raise ValueError("purpose must not be empty (use '*' for any purpose)")
+    if record.expires_at is not None and record.expires_at <= record.granted_at:
+        raise ValueError("expires_at must be after granted_at")
+
+
+def _add_consent(s: Session, record: ConsentRecord) -> None:
+    if record.supersedes is not None:
+        prior = s.get(ConsentRow, str(record.supersedes))
+        if prior is None or prior.subject_id != record.subject_id:
+            raise ValueError(
+                f"supersedes={record.supersedes} is not a record of subject {record.subject_id!r}"
+            )
+    s.add(
+        ConsentRow(
+            record_id=str(record.record_id),
+            subject_id=record.subject_id,
+            action=record.action,
+            scopes=sorted(Scope(sc).value for sc in record.scopes),
+            purpose=record.purpose,
+            granted_at=record.granted_at,
+            expires_at=record.expires_at,
+            evidence_sha256=record.evidence_sha256,
+            evidence_key=record.evidence_key,
+            challenge_code=record.challenge_code,
+            recorded_by=record.recorded_by,
+            created_at=record.created_at,
+            supersedes=str(record.supersedes) if record.supersedes is not None else None,
+        )
+    )
+
+
+class PublishedClipRepository:
+    def __init__(self, db: Database, *, clock: Clock = utcnow) -> None:
+        self._db = db
+        self._clock = clock
+
+    def record(self, job_id: uuid.UUID | str, object_key: str, url: str, sha256: str) -> bool:
+        """Record the publication once. False if this job's clip is already recorded."""
+        key = _job_key(job_id)
+        try:
+            with self._db.session() as s:
+                if s.get(PublishedClipRow, key) is not None:
+                    return False
+                s.add(
+                    PublishedClipRow(
+                        job_id=key,
+                        object_key=object_key,
+                        url=url,
+                        sha256=sha256,
+                        published_at=self._clock(),
+                    )
+                )
+        except IntegrityError:
+            # Lost a race on the same job: idempotent. An object key reused by another job,
+            # or an unknown job id, is a real error.
+            if self.get(key) is None:
+                raise
+            return False
+        return True
+
+    def get(self, job_id: uuid.UUID | str) -> PublishedClip | None:
+        with self._db.session() as s:
+            row = s.get(PublishedClipRow, _job_key(job_id))
+            return PublishedClip._from_row(row) if row is not None else None
+
+    def mark_taken_down(self, job_id: uuid.UUID | str, reason: str) -> bool:
+        """False if the clip is not recorded or already taken down (the first reason stays)."""
+        with self._db.session() as s:
+            result = s.execute(
+                update(PublishedClipRow)
+                .where(
+                    PublishedClipRow.job_id == _job_key(job_id),
+                    PublishedClipRow.taken_down_at.is_(None),
+                )
+                .values(taken_down_at=self._clock(), takedown_reason=reason)
+                .execution_options(synchronize_session=False)
+            )
+            return _rowcount(result) == 1
+
+
+class LikenessGallery:
+    """The protected-persons gallery: faces of public figures a clip must not show."""
+
+    def __init__(self, db: Database, *, clock: Clock = utcnow) -> None:
+        self._db = db
+        self._clock = clock
+
+    def protect(
+        self, name: str, faces: Sequence[FaceEmbedding], *, enrolled_by: str, subject_id: str | None = None
+    ) -> int:
+        """Enrol faces under `name`; a photo already enrolled for the name is skipped.
+        Returns how many faces were added."""
+        if not name.strip():
+            raise ValueError("a protected person needs a name")
+        added = 0
+        now = self._clock()
+        with self._db.session() as s:
+            known = set(
+                s.scalars(select(ProtectedFaceRow.source_sha256).where(ProtectedFaceRow.name == name))
+            )
+            for face in faces:
+                if face.source_sha256 in known:
+                    continue
+                known.add(face.source_sha256)
+                s.add(
+                    ProtectedFaceRow(
+                        name=name,
+                        subject_id=subject_id,
+                        embedding=[float(v) for v in face.values],
+                        model=face.model,
+                        source_sha256=face.source_sha256,
+                        enrolled_by=enrolled_by,
+                        created_at=now,
+                    )
+                )
+                added += 1
+        return added
+
+    def unprotect(self, name: str) -> int:
+        with self._db.session() as s:
+            result = s.execute(
+                delete(ProtectedFaceRow)
+                .where(ProtectedFaceRow.name == name)
+                .execution_options(synchronize_session=False)
+            )
+            return _rowcount(result)
+
+    def faces(self) -> list[ProtectedFace]:
+        with self._db.session() as s:
+            return [
+                ProtectedFace._from_row(r)
+                for r in s.scalars(select(ProtectedFaceRow).order_by(ProtectedFaceRow.id))
+            ]
+
+
+class ModerationResultRepository:
+    """Append-only moderation results (automatic and human) for the review queue."""
+
+    def __init__(self, db: Database, *, clock: Clock = utcnow) -> None:
+        self._db = db
+        self._clock = clock
+
+    def record(
+        self,
+        job_id: uuid.UUID | str,
+        decision: Decision,
+        findings: Sequence[Finding],
+        *,
+        decided_by: str,
+        reason: str = "",
+    ) -> ModerationResult:
+        with self._db.session() as s:
+            row = ModerationResultRow(
+                job_id=_job_key(job_id),
+                decision=Decision(decision).value,
+                findings=[f.model_dump(mode="json") for f in findings],
+                decided_by=decided_by,
+                reason=reason,
+                created_at=self._clock(),
+            )
+            s.add(row)
+            s.flush()
+            return ModerationResult._from_row(row)
+
+    def history(self, job_id: uuid.UUID | str) -> list[ModerationResult]:
+        with self._db.session() as s:
+            rows = s.scalars(
+                select(ModerationResultRow)
+                .where(ModerationResultRow.job_id == _job_key(job_id))
+                .order_by(ModerationResultRow.id)
+            )
+            return [ModerationResult._from_row(r) for r in rows]
+
+    def latest(self, job_id: uuid.UUID | str) -> ModerationResult | None:
+        found = self.history(job_id)
+        return found[-1] if found else None
+
+    def review_queue(self, *, limit: int = 100) -> list[tuple[JobRecord, ModerationResult]]:
+        """Jobs waiting for a human, oldest decision first, each with its latest result."""
+        latest = (
+            select(ModerationResultRow.job_id, func.max(ModerationResultRow.id).label("last_id"))
+            .group_by(ModerationResultRow.job_id)
+            .subquery()
+        )
+        q = (
+            select(JobRow, ModerationResultRow)
+            .join(latest, latest.c.job_id == JobRow.job_id)
+            .join(ModerationResultRow, ModerationResultRow.id == latest.c.last_id)
+            .where(JobRow.state == JobState.NEEDS_REVIEW.value)
+            .order_by(ModerationResultRow.created_at, ModerationResultRow.id)
+            .limit(limit)
+        )
+        with self._db.session() as s:
+            return [(JobRecord._from_row(j), ModerationResult._from_row(m)) for j, m in s.execute(q)]
+
+
+class JobSubjectRepository:
+    """Which subjects each clip uses, so that a revocation finds every clip of a subject."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def index(self, job_id: uuid.UUID | str, subjects: Iterable[SubjectUse]) -> int:
+        """Record the job's subjects (idempotent). Returns how many rows were added."""
+        key = _job_key(job_id)
+        added = 0
+        with self._db.session() as s:
+            have = set(s.scalars(select(JobSubjectRow.subject_id).where(JobSubjectRow.job_id == key)))
+            for use in subjects:
+                if use.subject_id in have:
+                    continue
+                have.add(use.subject_id)
+                s.add(
+                    JobSubjectRow(
+                        job_id=key, subject_id=use.subject_id, scopes=sorted(sc.value for sc in use.scopes)
+                    )
+                )
+                added += 1
+        return added
+
+    def jobs_using(self, subject_id: str, states: Iterable[JobState] | None = None) -> list[JobRecord]:
+        q = select(JobRow).join(JobSubjectRow, JobSubjectRow.job_id == JobRow.job_id).where(
+            JobSubjectRow.subject_id == subject_id
+        )
+        if states is not None:
+            q = q.where(JobRow.state.in_([JobState(st).value for st in states]))
+        with self._db.session() as s:
+            return [JobRecord._from_row(r) for r in s.scalars(q.order_by(JobRow.created_at, JobRow.job_id))]
+
+    def jobs_with_subjects(self, states: Iterable[JobState]) -> list[JobRecord]:
+        """Jobs in `states` whose clip uses at least one subject (the consent sweep)."""
+        ids = select(JobSubjectRow.job_id).distinct()
+        q = (
+            select(JobRow)
+            .where(JobRow.job_id.in_(ids), JobRow.state.in_([JobState(st).value for st in states]))
+            .order_by(JobRow.created_at, JobRow.job_id)
+        )
+        with self._db.session() as s:
+            return [JobRecord._from_row(r) for r in s.scalars(q)]

@@ -1,0 +1,1120 @@
+"""The template engine: render once, personalize a segment.
+
+A clip is three segments: intro [0, p0), personal [p0, p1), outro [p1, D).
+
+- Shared work, once per (template content, locale, variant, generator, encoder settings),
+  keyed by a content hash and cached on disk (`<cache>/segments/<key>/`): the generated
+  background, every shared layer, the intro and outro ENCODED (H.264, identical settings),
+  the personal window's shared frames as a raw yuv420p "plate", and the music bed with
+  its effects.
+- Per recipient: draw the personal stills (name, photo, captions), speak the voice line,
+  overlay the stills on the plate and encode ONLY the personal frames (plus the poster in
+  the same pass); join intro + personal + outro with the concat demuxer and stream copy
+  (every segment starts with an IDR frame and has closed GOPs); mix the whole soundtrack
+  in one continuous pass (voice over the ducked bed, loudness normalized, true peak
+  limited) and mux it with the joined video, encoding the audio once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import PermanentError
+from pipeline.ports import RenderedClip
+from pipeline.render import audio as audio_mod
+from pipeline.render.compose import (
+    Still,
+    box_px,
+    composite_at,
+    draw_text,
+    hanging_cluster,
+    label_still,
+    overlay_chain,
+    particles_image,
+    photo_still,
+    raw_input_args,
+    safe_area,
+    size_scale,
+    write_still,
+    yuv420_frame_to_rgb,
+)
+from pipeline.render.fonts import find_font_face
+from pipeline.render.generate import Generator, GenRequest, ProceduralGenerator, cover
+from pipeline.render.media import RenderError, ffmpeg_exe, has_faststart, run_ffmpeg
+from pipeline.render.simple import AAC_ARGS, SAMPLE_RATE, sha256_file, x264_args
+from pipeline.render.templates import (
+    LoadedTemplate,
+    TemplateError,
+    drawn_texts,
+    get_template,
+    localized,
+    merge_values,
+    substitute,
+)
+from pipeline.render.tts import TTS, EspeakTTS, Speech, SpeechPart, voice_locale_for
+from pipeline.settings import Settings
+from schemas.brief import TemplateRef
+from schemas.common import Locale
+from schemas.events import RenderRequested
+from schemas.template import (
+    BackgroundLayer,
+    CaptionsLayer,
+    GeneratedSource,
+    ImageSource,
+    LabelLayer,
+    MusicFile,
+    ParticlesLayer,
+    PhotoLayer,
+    StickerLayer,
+    Template,
+    TextLayer,
+    VideoSource,
+    merge_fields_in,
+)
+
+log = logging.getLogger(__name__)
+
+ENGINE_VERSION = "1"
+SLIDE_S = 0.9  # text slides in over this long
+BT709_PARAMS = "setparams=range=tv:colorspace=bt709:color_primaries=bt709:color_trc=bt709"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    width: int
+    height: int
+    fps: int
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+def resolve_variant(
+    t: Template, variant: str | None = None, size: tuple[int, int] | None = None, fps: int | None = None
+) -> Variant:
+    """A named variant of the template, or a custom size (scaled from the reference)."""
+    rate = fps or t.canvas.fps
+    if size is not None:
+        w, h = size
+        if w % 2 or h % 2 or w < 64 or h < 64:
+            raise TemplateError(f"size {w}x{h} must be even and at least 64x64")
+        for name, s in t.canvas.variants.items():
+            if (s.width, s.height) == (w, h):
+                return Variant(name, w, h, rate)
+        return Variant(f"custom-{w}x{h}", w, h, rate)
+    name = variant or t.canvas.default_variant
+    if name not in t.canvas.variants:
+        raise TemplateError(
+            f"template {t.name} has no variant {name!r} (it has {', '.join(t.canvas.variants)})"
+        )
+    s = t.canvas.variants[name]
+    return Variant(name, s.width, s.height, rate)
+
+
+@dataclass(frozen=True)
+class SharedSegments:
+    """A cache entry: what every recipient of one (template, locale, variant) shares."""
+
+    key: str
+    dir: Path
+    variant: Variant
+    n_frames: int
+    n0: int  # first personal frame
+    n1: int  # first outro frame
+
+    @property
+    def intro(self) -> Path | None:
+        p = self.dir / "intro.mp4"
+        return p if self.n0 > 0 else None
+
+    @property
+    def outro(self) -> Path | None:
+        p = self.dir / "outro.mp4"
+        return p if self.n1 < self.n_frames else None
+
+    @property
+    def plate(self) -> Path:
+        return self.dir / "plate.yuv"
+
+    @property
+    def bed(self) -> Path:
+        return self.dir / "bed.npy"
+
+    @property
+    def p0(self) -> float:
+        return self.n0 / self.variant.fps
+
+    @property
+    def p1(self) -> float:
+        return self.n1 / self.variant.fps
+
+
+@dataclass(frozen=True)
+class Cue:
+    start: float
+    end: float
+    text: str
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    video_path: Path
+    poster_path: Path
+    captions_path: Path | None
+    sha256: str
+    duration_s: float
+    width: int
+    height: int
+    template: str
+    locale: Locale
+    variant: str
+    cues: tuple[Cue, ...]
+    name_box: tuple[int, int, int, int] | None
+    photo_box: tuple[int, int, int, int] | None
+    lufs: float
+    true_peak_db: float
+    timings: dict[str, float] = field(default_factory=dict)
+    segments_key: str = ""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _frames(t: float, fps: int) -> int:
+    return round(t * fps)
+
+
+def vtt_time(t: float) -> str:
+    ms = round(t * 1000)
+    h, rem = divmod(ms, 3_600_000)
+    m, rem = divmod(rem, 60_000)
+    s, ms = divmod(rem, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}.{ms:03d}"
+
+
+def write_vtt(path: Path, cues: Sequence[Cue]) -> Path:
+    lines = ["WEBVTT", ""]
+    for i, c in enumerate(cues, start=1):
+        # a cue's text may not contain "-->" or a blank line
+        text = "\n".join(ln for ln in c.text.replace("-->", "→").splitlines() if ln.strip())
+        lines += [str(i), f"{vtt_time(c.start)} --> {vtt_time(c.end)}", text, ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+_SENTENCE_END = re.compile(r"(?<=[。！？!?])\s*|(?<=[.])\s+")
+_LEADING_PUNCT = re.compile(r"^[\s、。，,.!！?？:：;；]+")
+
+
+def speech_parts(voice_text: str, locale: Locale, name: str) -> list[tuple[SpeechPart, str]]:
+    """(what to speak, what to show) pieces of a voice line: the merge fields are spoken by
+    the voice that can read them, literal text is cut at sentence ends."""
+    from schemas.template import split_merge
+
+    out: list[tuple[SpeechPart, str]] = []
+    values = merge_values(name)
+    for piece, is_field in split_merge(voice_text):
+        if is_field:
+            val = values[piece]
+            out.append((SpeechPart(val, voice_locale_for(val, locale)), val))
+            continue
+        lead = _LEADING_PUNCT.match(piece)
+        if lead and out:
+            sp, shown = out[-1]
+            out[-1] = (sp, shown + lead.group(0).rstrip() + (" " if lead.group(0).endswith(" ") else ""))
+            piece = piece[lead.end() :]
+        for sentence in _SENTENCE_END.split(piece):
+            if sentence.strip():
+                out.append((SpeechPart(sentence.strip(), locale), sentence))
+    return out
+
+
+def _cells(text: str) -> int:
+    return sum(2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text)
+
+
+def make_cues(
+    shown: Sequence[str],
+    spans: Sequence[tuple[float, float]],
+    start: float,
+    end_limit: float,
+    max_cells: int = 48,
+) -> list[Cue]:
+    """Group the spoken pieces into caption cues that follow the voice."""
+    groups: list[tuple[str, float, float]] = []
+    for text, (s, e) in zip(shown, spans, strict=True):
+        if groups and _cells(groups[-1][0] + text) <= max_cells:
+            g = groups[-1]
+            groups[-1] = (g[0] + text, g[1], e)
+        else:
+            groups.append((text, s, e))
+    cues: list[Cue] = []
+    for i, (text, s, e) in enumerate(groups):
+        nxt = groups[i + 1][1] + start if i + 1 < len(groups) else min(end_limit, e + start + 0.5)
+        cues.append(Cue(round(s + start, 3), round(max(nxt, e + start), 3), text.strip()))
+    return cues
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class TemplateRenderer:
+    """Renders greeting clips from templates, sharing everything that can be shared.
+
+    One instance per worker: it keeps the loaded generator (a diffusers model is loaded
+    once) and the on-disk caches. It is the `Renderer` the render step calls, and it has
+    `prewarm(template, locale)` so a campaign DAG can build the shared segments before
+    the first recipient arrives.
+    """
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        *,
+        generator: Generator | None = None,
+        tts: TTS | None = None,
+        templates_dir: Path | None = None,
+        font_dirs: Sequence[Path | str] = (),
+        threads: int = 0,
+        size: tuple[int, int] | None = None,
+        fps: int | None = None,
+        variant: str | None = None,
+        cache_max_bytes: int = 20 * 2**30,
+        timeout_s: float = 600.0,
+    ) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.generator: Generator = generator or ProceduralGenerator()
+        self.tts: TTS = tts or EspeakTTS(sample_rate=SAMPLE_RATE)
+        self.templates_dir = templates_dir
+        self.font_dirs = tuple(font_dirs)
+        self.threads = threads
+        self.size = size
+        self.fps = fps
+        self.variant = variant
+        self.cache_max_bytes = cache_max_bytes
+        self.timeout_s = timeout_s
+
+    # ------------------------------------------------------------------ public API
+
+    def template(self, ref: TemplateRef | str) -> LoadedTemplate:
+        return get_template(ref, self.templates_dir)
+
+    def prewarm(
+        self,
+        template: TemplateRef | str,
+        locale: Locale,
+        *,
+        variant: str | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        """Build (or find) the shared segments of a template for a locale."""
+        lt = self.template(template)
+        self.shared(lt, locale, self._variant(lt.template, variant, size))
+
+    def __call__(self, req: RenderRequested, out_dir: Path, photo: Path | None) -> RenderedClip:
+        """The `Renderer` port: render one clip for the render step."""
+        r = self.render(req, out_dir, photo=photo)
+        return RenderedClip(
+            video_path=r.video_path,
+            poster_path=r.poster_path,
+            sha256=r.sha256,
+            duration_s=r.duration_s,
+            width=r.width,
+            height=r.height,
+            captions_path=r.captions_path,
+            template=r.template,
+            generator=self.generator.model_id,
+        )
+
+    def render(
+        self,
+        req: RenderRequested,
+        out_dir: Path,
+        *,
+        photo: Path | None = None,
+        variant: str | None = None,
+        size: tuple[int, int] | None = None,
+        stem: str | None = None,
+    ) -> RenderResult:
+        """One personalized clip: `<out_dir>/<job_id>.mp4`, `.jpg` (poster), `.vtt`."""
+        timings: dict[str, float] = {}
+        t_all = time.perf_counter()
+        lt = self.template(req.template)
+        t = lt.template
+        locale = req.locale
+        if locale not in t.strings:
+            raise TemplateError(
+                f"template {t.name} has no {locale.value} strings (it supports "
+                f"{', '.join(x.value for x in t.locales)})"
+            )
+        var = self._variant(t, variant, size)
+        if photo is None and any(isinstance(la, PhotoLayer) and la.required for la in t.layers):
+            raise TemplateError(f"template {t.name} needs a subject photo")
+        # fonts first: a name no font can draw fails the job before any work
+        values = merge_values(req.recipient.name)
+        for text in drawn_texts(t, locale):
+            if merge_fields_in(text):
+                find_font_face(substitute(text, values).replace("\n", ""), locale, extra_dirs=self.font_dirs)
+        t0 = time.perf_counter()
+        seg = self.shared(lt, locale, var)
+        timings["shared"] = time.perf_counter() - t0
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = stem or str(req.job_id)
+        name = req.recipient.name
+
+        with tempfile.TemporaryDirectory(prefix=".render-", dir=out_dir) as tmp_s:
+            tmp = Path(tmp_s)
+            # voice first: its timing places the captions
+            t0 = time.perf_counter()
+            speech, cues = self._voice(t, locale, name, seg)
+            timings["tts"] = time.perf_counter() - t0
+            personal = tmp / "personal.mp4"
+            poster_tmp = tmp / "poster.jpg"
+            # the soundtrack (mix + AAC encode) and the poster run beside the drawing and
+            # the video encode (x264 on a short segment leaves CPU idle)
+            bed_path = seg.bed
+            voice_start = t.audio.voice.start if t.audio.voice is not None else 0.0
+
+            def soundtrack() -> tuple[audio_mod.MixResult, Path]:
+                t1 = time.perf_counter()
+                bed = np.load(bed_path)
+                mixed = audio_mod.mix(
+                    bed,
+                    speech.samples if speech else None,
+                    voice_start,
+                    list(speech.spans) if speech else [],
+                    t.audio,
+                )
+                wav = audio_mod.write_mix(tmp / "mix.wav", mixed.samples)
+                m4a = tmp / "mix.m4a"
+                run_ffmpeg(["-y", "-i", str(wav), *AAC_ARGS, "-vn", str(m4a)], timeout=self.timeout_s)
+                timings["audio"] = time.perf_counter() - t1
+                return mixed, m4a
+
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                audio_job = pool.submit(soundtrack)
+                t0 = time.perf_counter()
+                stills, name_box, photo_box, poster_t = self._personal_stills(
+                    lt, locale, var, name, photo, cues
+                )
+                timings["draw"] = time.perf_counter() - t0
+                poster_job = pool.submit(write_poster, seg, stills, poster_t, poster_tmp)
+                t0 = time.perf_counter()
+                self._encode_personal(seg, stills, personal, None, poster_t)
+                timings["encode_personal"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                mixed, m4a = audio_job.result()
+                poster_job.result()
+                timings["wait_audio"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            video = out_dir / f"{stem}.mp4"
+            tmp_video = tmp / "out.mp4"
+            self._join(seg, personal, m4a, tmp_video)
+            if not has_faststart(tmp_video):
+                raise RenderError(f"joined clip {tmp_video} is not faststart")
+            os.replace(tmp_video, video)
+            poster = out_dir / f"{stem}.jpg"
+            os.replace(poster_tmp, poster)
+            timings["join"] = time.perf_counter() - t0
+        captions = write_vtt(out_dir / f"{stem}.vtt", cues) if cues else None
+        timings["total"] = time.perf_counter() - t_all
+        return RenderResult(
+            video_path=video,
+            poster_path=poster,
+            captions_path=captions,
+            sha256=sha256_file(video),
+            duration_s=seg.n_frames / var.fps,
+            width=var.width,
+            height=var.height,
+            template=f"{t.name}@{t.version}",
+            locale=locale,
+            variant=var.name,
+            cues=tuple(cues),
+            name_box=name_box,
+            photo_box=photo_box,
+            lufs=mixed.lufs,
+            true_peak_db=mixed.true_peak_db,
+            timings=timings,
+            segments_key=seg.key,
+        )
+
+    # ------------------------------------------------------------------ shared segments
+
+    def _variant(self, t: Template, variant: str | None, size: tuple[int, int] | None) -> Variant:
+        return resolve_variant(t, variant or self.variant, size or self.size, self.fps)
+
+    def segments_key(self, lt: LoadedTemplate, locale: Locale, var: Variant) -> str:
+        """Content hash of everything the shared segments depend on."""
+        payload = {
+            "engine": ENGINE_VERSION,
+            "template": lt.content_hash,
+            "locale": locale.value,
+            "variant": [var.width, var.height, var.fps],
+            "generator": self.generator.model_id,
+            "x264": x264_args(var.fps),
+            "fonts": [str(d) for d in self.font_dirs],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+    def shared(self, lt: LoadedTemplate, locale: Locale, var: Variant) -> SharedSegments:
+        t = lt.template
+        if locale not in t.strings:
+            raise TemplateError(f"template {t.name} has no {locale.value} strings")
+        key = self.segments_key(lt, locale, var)
+        root = self.cache_dir / "segments"
+        final = root / key
+        n = _frames(t.duration_s, var.fps)
+        seg = SharedSegments(
+            key, final, var, n, _frames(t.personal.start, var.fps), _frames(t.personal.end, var.fps)
+        )
+        if (final / "meta.json").is_file():
+            os.utime(final / "meta.json")
+            return seg
+        with _file_lock(root / f"{key}.lock"):
+            if (final / "meta.json").is_file():
+                return seg
+            started = time.perf_counter()
+            work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
+            try:
+                self._build_shared(lt, locale, var, seg, work)
+                (work / "meta.json").write_text(
+                    json.dumps(
+                        {
+                            "template": f"{t.name}@{t.version}",
+                            "locale": locale.value,
+                            "variant": var.name,
+                            "size": var.size,
+                            "fps": var.fps,
+                            "frames": n,
+                            "n0": seg.n0,
+                            "n1": seg.n1,
+                            "generator": self.generator.model_id,
+                            "built_s": round(time.perf_counter() - started, 3),
+                        },
+                        indent=2,
+                    )
+                )
+                os.replace(work, final)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            log.info(
+                "shared segments %s (%s %s %s) built in %.1fs",
+                key,
+                t.name,
+                locale.value,
+                var.size,
+                time.perf_counter() - started,
+            )
+        (root / f"{key}.lock").unlink(missing_ok=True)
+        self._prune(keep=key)
+        return seg
+
+    def _prune(self, keep: str) -> None:
+        root = self.cache_dir / "segments"
+        entries = []
+        total = 0
+        for d in root.iterdir():
+            meta = d / "meta.json"
+            if d.is_dir() and meta.is_file():
+                size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+                entries.append((meta.stat().st_mtime, size, d))
+                total += size
+        for _, size, d in sorted(entries):
+            if total <= self.cache_max_bytes:
+                break
+            if d.name == keep:
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            total -= size
+
+    def _background_image(self, lt: LoadedTemplate, layer: BackgroundLayer, w: int, h: int) -> Image.Image:
+        src = layer.source
+        if isinstance(src, GeneratedSource):
+            req = GenRequest(
+                prompt=src.prompt,
+                style=src.style,
+                seed=src.seed,
+                width=w,
+                height=h,
+                steps=src.steps,
+                negative_prompt=src.negative_prompt,
+            )
+            img = self.generator.generate([req])[0]
+            return img if self.generator.model_id.startswith("procedural") else _scrim(img)
+        if isinstance(src, VideoSource):
+            raise TemplateError(f"template {lt.template.name}: video backgrounds are not supported yet")
+        assert isinstance(src, ImageSource)
+        with Image.open(lt.asset(src.path)) as im:
+            return _scrim(cover(im.convert("RGB"), w, h))
+
+    def _shared_stills(self, lt: LoadedTemplate, locale: Locale, var: Variant) -> tuple[Still, list[Still]]:
+        t = lt.template
+        w, h = var.width, var.height
+        sc = size_scale(w, h)
+        d = t.duration_s
+        area = safe_area(w, h)
+        base: Still | None = None
+        stills: list[Still] = []
+        label: Still | None = None
+        for i, layer in enumerate(t.layers):
+            if t.is_personal(layer):
+                continue
+            end = t.layer_end(layer)
+            if isinstance(layer, BackgroundLayer):
+                drift = layer.drift * sc
+                extra = math.ceil(drift * d) + 2
+                img = self._background_image(lt, layer, w, h + extra)
+                base = Still(
+                    layer.id,
+                    np.asarray(img.convert("RGB")),
+                    0,
+                    0,
+                    y_expr=f"min({extra},T*{drift:.4f})" if drift > 0 else None,
+                    y_at=_linear(0.0, drift, hi=float(extra)),
+                )
+            elif isinstance(layer, ParticlesLayer):
+                speed = layer.speed * sc
+                extra = math.ceil(speed * d) + 2
+                img_p = particles_image(
+                    w,
+                    h + extra,
+                    layer.style,
+                    layer.count,
+                    layer.size,
+                    layer.opacity,
+                    layer.colors,
+                    sc,
+                    seed=1000 + i,
+                )
+                up = layer.direction == "up"
+                y_expr = f"-T*{speed:.4f}" if up else f"-{extra}+T*{speed:.4f}"
+                y_at = _linear(0.0, -speed) if up else _linear(-float(extra), speed)
+                stills.append(
+                    Still(layer.id, img_p, 0, 0, layer.start, end, 0.0, 0.0, y_expr=y_expr, y_at=y_at)
+                )
+            elif isinstance(layer, StickerLayer):
+                stills.append(self._sticker(lt, layer, locale, w, h, sc, end))
+            elif isinstance(layer, TextLayer):
+                text = localized(t, locale, layer.text)
+                dt = draw_text(
+                    text,
+                    locale,
+                    box_px(area, layer.box),
+                    layer.style,
+                    sc,
+                    font_dirs=self.font_dirs,
+                    ornament=layer.ornament,
+                )
+                stills.append(self._text_motion(layer, np.asarray(dt.image), dt.x, dt.y, end, d, sc))
+            elif isinstance(layer, LabelLayer):
+                img_l, x, y = label_still(layer.text, locale, w, h, self.font_dirs)
+                label = Still(layer.id, np.asarray(img_l), x, y)
+        if base is None:
+            raise TemplateError(f"template {t.name} has no background")
+        if label is not None:
+            stills.append(label)  # always on top
+        return base, stills
+
+    def _sticker(
+        self, lt: LoadedTemplate, layer: StickerLayer, locale: Locale, w: int, h: int, sc: float, end: float
+    ) -> Still:
+        if layer.kind == "image":
+            assert layer.path is not None
+            with Image.open(lt.asset(layer.path)) as im:
+                img = im.convert("RGBA")
+            img.thumbnail((round(w * 0.4), round(h * 0.25)))
+            x, y = w - img.width - round(w * 0.05), round(h * 0.02)
+        else:
+            char_face = None
+            if layer.kind == "lanterns":
+                char_face = find_font_face("福", locale, weight="bold", extra_dirs=self.font_dirs)
+            img, x = hanging_cluster(layer.kind, w, h, char_face, sc)
+            y = 0
+        bob = max(2, round(7 * sc))
+        x -= x % 2
+        y_expr = x_expr = None
+        y_at = x_at = None
+        if layer.motion == "bob":
+            y_expr = f"{y - bob - 2}+{bob}*sin(2*PI*T/3.2)"
+            y_at = _wave(float(y - bob - 2), float(bob), 3.2)
+        elif layer.motion == "sway":
+            x_expr = f"{x}+{bob}*sin(2*PI*T/4.1)"
+            x_at = _wave(float(x), float(bob), 4.1)
+        return Still(
+            layer.id,
+            np.asarray(img),
+            x,
+            y,
+            layer.start,
+            end,
+            0.4 if layer.start > 0 else 0.0,
+            0.4 if end < lt.template.duration_s else 0.0,
+            x_expr=x_expr,
+            y_expr=y_expr,
+            y_at=y_at,
+            x_at=x_at,
+        )
+
+    @staticmethod
+    def _text_motion(
+        layer: TextLayer | PhotoLayer,
+        img: np.ndarray,
+        x: int,
+        y: int,
+        end: float,
+        d: float,
+        sc: float,
+        animate: str = "fade",
+    ) -> Still:
+        anim = layer.animate if isinstance(layer, TextLayer) else animate
+        fade = layer.fade_s if anim != "none" else 0.0
+        y_expr = None
+        y_at = None
+        if anim in ("slide", "pop"):
+            slide = round(36 * sc)
+            start = layer.start
+            y_expr = f"{y}+{slide}*pow(max(0,1-(T-{start:.4f})/{SLIDE_S}),2)"
+
+            def y_at(t: float) -> float:
+                return y + slide * max(0.0, 1 - (t - start) / SLIDE_S) ** 2
+
+        return Still(
+            layer.id,
+            img,
+            x,
+            y,
+            layer.start,
+            end,
+            fade if layer.start > 0 else 0.0,
+            fade if end < d else 0.0,
+            y_expr=y_expr,
+            y_at=y_at,
+        )
+
+    def _build_shared(
+        self, lt: LoadedTemplate, locale: Locale, var: Variant, seg: SharedSegments, work: Path
+    ) -> None:
+        t = lt.template
+        base, stills = self._shared_stills(lt, locale, var)
+        fps, w, h = var.fps, var.width, var.height
+        inputs: list[str] = []
+        bg_h = base.image.shape[0]
+        inputs += raw_input_args(write_still(work / "bg.rgb", base.image), w, bg_h, "rgb24", fps)
+        for k, s in enumerate(stills):
+            ih, iw = s.image.shape[:2]
+            inputs += raw_input_args(
+                write_still(work / f"s{k}.raw", s.image), iw, ih, "rgba" if s.alpha else "rgb24", fps
+            )
+        crop_y = base.y_expr.replace("T", "t") if base.y_expr else "0"
+        lines = [
+            f"[0:v]scale=out_color_matrix=bt709:out_range=tv,format=yuv420p,loop=loop=-1:size=1:start=0,"
+            f"setpts=N/({fps}*TB),crop=w={w}:h={h}:x=0:y='{crop_y}',trim=end_frame={seg.n_frames}[base]"
+        ]
+        chain, out = overlay_chain("base", stills, 1, fps, 0.0, t.duration_s)
+        lines += chain
+        parts = []
+        if seg.n0 > 0:
+            parts.append(("intro", 0, seg.n0))
+        parts.append(("plate", seg.n0, seg.n1))
+        if seg.n1 < seg.n_frames:
+            parts.append(("outro", seg.n1, seg.n_frames))
+        labels = "".join(f"[s_{p[0]}]" for p in parts)
+        lines.append(f"[{out}]split={len(parts)}{labels}")
+        for name, a, b in parts:
+            lines.append(f"[s_{name}]trim=start_frame={a}:end_frame={b},setpts=PTS-STARTPTS[o_{name}]")
+        outputs: list[str] = []
+        for name, a, b in parts:
+            if name == "plate":
+                outputs += [
+                    "-map",
+                    f"[o_{name}]",
+                    "-f",
+                    "rawvideo",
+                    "-pix_fmt",
+                    "yuv420p",
+                    str(work / "plate.yuv"),
+                ]
+            else:
+                outputs += [
+                    "-map",
+                    f"[o_{name}]",
+                    "-frames:v",
+                    str(b - a),
+                    "-r",
+                    str(fps),
+                    *x264_args(fps, self.threads),
+                    "-an",
+                    "-movflags",
+                    "+faststart",
+                    str(work / f"{name}.mp4"),
+                ]
+        run_ffmpeg(["-y", *inputs, "-filter_complex", ";".join(lines), *outputs], timeout=self.timeout_s)
+        plate_bytes = (work / "plate.yuv").stat().st_size
+        want = (seg.n1 - seg.n0) * w * h * 3 // 2
+        if plate_bytes != want:
+            raise RenderError(f"plate has {plate_bytes} bytes, expected {want}")
+        # the shared soundtrack: music bed + effects
+        if isinstance(t.audio.music, MusicFile):
+            music = _load_music_file(lt.asset(t.audio.music.path), t.duration_s)
+            bed = audio_mod.bed_with_effects(t.audio, t.duration_s, music=music)
+        else:
+            bed = audio_mod.bed_with_effects(t.audio, t.duration_s)
+        np.save(work / "bed.npy", bed.astype(np.float32))
+
+    # ------------------------------------------------------------------ per recipient
+
+    def _voice(
+        self, t: Template, locale: Locale, name: str, seg: SharedSegments
+    ) -> tuple[Speech | None, list[Cue]]:
+        v = t.audio.voice
+        if v is None:
+            return None, []
+        text = localized(t, locale, v.text)
+        pieces = speech_parts(text, locale, name)
+        parts = [p for p, _ in pieces]
+        shown = [s for _, s in pieces]
+        room = v.end - v.start
+        speech = self.tts.speak(parts, rate=1.0)
+        if speech.duration_s > room:
+            rate = min(v.max_rate, speech.duration_s / room * 1.04)
+            speech = self.tts.speak(parts, rate=rate)
+            if speech.duration_s > room:
+                raise PermanentError(
+                    f"the voice line {substitute(text, merge_values(name))!r} takes "
+                    f"{speech.duration_s:.2f} s "
+                    f"even at {rate:.2f}x; template {t.name} leaves {room:.2f} s"
+                )
+        has_captions = any(isinstance(la, CaptionsLayer) for la in t.layers)
+        cues = make_cues(shown, speech.spans, v.start, seg.p1 - 0.05) if has_captions else []
+        return speech, cues
+
+    def _personal_stills(
+        self,
+        lt: LoadedTemplate,
+        locale: Locale,
+        var: Variant,
+        name: str,
+        photo: Path | None,
+        cues: list[Cue],
+    ) -> tuple[list[Still], tuple[int, int, int, int] | None, tuple[int, int, int, int] | None, float]:
+        t = lt.template
+        w, h = var.width, var.height
+        sc = size_scale(w, h)
+        area = safe_area(w, h)
+        values = merge_values(name)
+        stills: list[Still] = []
+        name_box: tuple[int, int, int, int] | None = None
+        photo_box: tuple[int, int, int, int] | None = None
+        ready = t.personal.start
+        has_photo_layer = any(isinstance(la, PhotoLayer) for la in t.layers)
+        for layer in t.layers:
+            if not t.is_personal(layer):
+                continue
+            end = t.layer_end(layer)
+            if isinstance(layer, TextLayer):
+                text = substitute(localized(t, locale, layer.text), values)
+                fbox = layer.box
+                if photo is None and has_photo_layer and layer.box_without_photo is not None:
+                    fbox = layer.box_without_photo
+                dt = draw_text(
+                    text,
+                    locale,
+                    box_px(area, fbox),
+                    layer.style,
+                    sc,
+                    font_dirs=self.font_dirs,
+                    ornament=layer.ornament,
+                )
+                stills.append(
+                    self._text_motion(layer, np.asarray(dt.image), dt.x, dt.y, end, t.duration_s, sc)
+                )
+                if name_box is None:
+                    name_box = (dt.ink.x0, dt.ink.y0, dt.ink.x1, dt.ink.y1)
+                ready = max(ready, layer.start + max(layer.fade_s, SLIDE_S if layer.animate != "fade" else 0))
+            elif isinstance(layer, PhotoLayer):
+                if photo is None:
+                    continue
+                img, x, y = photo_still(
+                    photo, box_px(area, layer.box), shape=layer.shape, frame=layer.frame, scale=sc
+                )
+                rise = round(14 * sc)
+                dur = max(0.1, end - layer.start)
+                start = layer.start
+
+                def photo_y(
+                    tt: float, y: int = y, rise: int = rise, start: float = start, dur: float = dur
+                ) -> float:
+                    return y + rise - rise * min(1.0, (tt - start) / dur)
+
+                st = Still(
+                    layer.id,
+                    np.asarray(img),
+                    x,
+                    y,
+                    layer.start,
+                    end,
+                    layer.fade_s,
+                    layer.fade_s if end < t.duration_s else 0.0,
+                    y_expr=f"{y + rise}-{rise}*min(1,(T-{start:.4f})/{dur:.4f})",
+                    y_at=photo_y,
+                )
+                stills.append(st)
+                photo_box = (x, y, x + img.width, y + img.height)
+                ready = max(ready, layer.start + layer.fade_s)
+            elif isinstance(layer, CaptionsLayer):
+                cbox = box_px(area, layer.box)
+                for k, cue in enumerate(cues):
+                    dt = draw_text(
+                        cue.text, locale, cbox, layer.style, sc, font_dirs=self.font_dirs, pill=True
+                    )
+                    stills.append(
+                        Still(
+                            f"{layer.id}-{k}",
+                            np.asarray(dt.image),
+                            dt.x,
+                            dt.y,
+                            cue.start,
+                            min(cue.end, end),
+                            0.08,
+                            0.08,
+                        )
+                    )
+        poster_t = min(t.personal.end - 0.1, ready + 0.3)
+        return stills, name_box, photo_box, poster_t
+
+    def _encode_personal(
+        self,
+        seg: SharedSegments,
+        stills: list[Still],
+        out: Path,
+        poster: Path | None,
+        poster_t: float,
+        *,
+        raw: bool = False,
+    ) -> None:
+        """Overlay the personal stills on the plate and encode only these frames (raw=True:
+        write the composited frames as raw yuv420p instead, for the benchmark's floor)."""
+        var = seg.variant
+        fps, w, h = var.fps, var.width, var.height
+        n = seg.n1 - seg.n0
+        inputs = raw_input_args(seg.plate, w, h, "yuv420p", fps)
+        with tempfile.TemporaryDirectory(prefix=".stills-", dir=out.parent) as d:
+            for k, s in enumerate(stills):
+                ih, iw = s.image.shape[:2]
+                inputs += raw_input_args(
+                    write_still(Path(d) / f"p{k}.raw", s.image), iw, ih, "rgba" if s.alpha else "rgb24", fps
+                )
+            # the plate is raw yuv: say what it is (BT.709, limited range), or ffmpeg would
+            # treat it as BT.601 and convert it, shifting colours at the segment joins
+            lines = [f"[0:v]{BT709_PARAMS},setpts=N/({fps}*TB)[base]"]
+            chain, cur = overlay_chain("base", stills, 1, fps, seg.p0, seg.p1)
+            lines += chain
+            codec = (
+                ["-f", "rawvideo", "-pix_fmt", "yuv420p"] if raw else [*x264_args(fps, self.threads), "-an"]
+            )
+            run_ffmpeg(
+                [
+                    "-y",
+                    *inputs,
+                    "-filter_complex",
+                    ";".join(lines),
+                    "-map",
+                    f"[{cur}]",
+                    "-frames:v",
+                    str(n),
+                    "-r",
+                    str(fps),
+                    *codec,
+                    str(out),
+                ],
+                timeout=self.timeout_s,
+            )
+        if poster is not None:
+            write_poster(seg, stills, poster_t, poster)
+
+    def _join(self, seg: SharedSegments, personal: Path, audio: Path, out: Path) -> None:
+        parts = [p for p in (seg.intro, personal, seg.outro) if p is not None]
+        listing = out.with_suffix(".txt")
+        listing.write_text("".join(f"file '{_concat_quote(p)}'\n" for p in parts), encoding="utf-8")
+        duration = seg.n_frames / seg.variant.fps
+        run_ffmpeg(
+            [
+                "-y",
+                "-f",
+                "concat",
+                "-safe",
+                "0",
+                "-i",
+                str(listing),
+                "-i",
+                str(audio),
+                "-map",
+                "0:v",
+                "-map",
+                "1:a",
+                "-c",
+                "copy",
+                "-t",
+                f"{duration:.4f}",
+                "-movflags",
+                "+faststart",
+                str(out),
+            ],
+            timeout=self.timeout_s,
+        )
+
+
+def _linear(a: float, b: float, hi: float = math.inf) -> Callable[[float], float]:
+    def f(t: float) -> float:
+        return min(hi, a + b * t)
+
+    return f
+
+
+def _wave(base: float, amp: float, period: float) -> Callable[[float], float]:
+    def f(t: float) -> float:
+        return base + amp * math.sin(2 * math.pi * t / period)
+
+    return f
+
+
+def write_poster(seg: SharedSegments, stills: Sequence[Still], t: float, path: Path) -> Path:
+    """The poster JPEG: the plate frame at global time t with the personal stills on it."""
+    var = seg.variant
+    k = min(seg.n1 - seg.n0 - 1, max(0, _frames(t, var.fps) - seg.n0))
+    size = var.width * var.height * 3 // 2
+    with open(seg.plate, "rb") as f:
+        f.seek(k * size)
+        data = f.read(size)
+    frame = composite_at(yuv420_frame_to_rgb(data, var.width, var.height), stills, (seg.n0 + k) / var.fps)
+    frame.save(path, format="JPEG", quality=90)
+    return path
+
+
+def renderer_from_settings(settings: Settings) -> TemplateRenderer:
+    """The engine as configured by GREETFLOW_* settings (one per worker process)."""
+    from pipeline.render.generate import make_generator
+    from pipeline.render.tts import make_tts
+
+    cache = settings.resolved_render_cache_dir
+    generator = make_generator(
+        settings.generator_backend,
+        model_dir=settings.generator_model_dir,
+        device=settings.render_device,
+        dtype=settings.generator_dtype,
+        cache_dir=cache / "generated",
+    )
+    variant = settings.render_variant or None
+    return TemplateRenderer(
+        cache,
+        generator=generator,
+        tts=make_tts(settings.tts_backend, sample_rate=SAMPLE_RATE),
+        templates_dir=settings.templates_dir,
+        font_dirs=tuple(settings.font_dirs),
+        threads=settings.ffmpeg_threads,
+        size=None if variant else (settings.render_width, settings.render_height),
+        fps=settings.render_fps,
+        variant=variant,
+        cache_max_bytes=int(settings.render_cache_max_gb * 2**30),
+    )
+
+
+def _concat_quote(p: Path) -> str:
+    return str(p.resolve()).replace("'", "'\\''")
+
+
+def _scrim(img: Image.Image) -> Image.Image:
+    """Darken a photographic / generated background a little so text stays legible."""
+    a = np.asarray(img.convert("RGB"), np.float32)
+    h, w, _ = a.shape
+    y = np.linspace(0, 1, h, dtype=np.float32)[:, None]
+    x = np.linspace(0, 1, w, dtype=np.float32)[None, :]
+    v = np.sqrt(((x - 0.5) * 1.2) ** 2 + (y - 0.45) ** 2)
+    a *= (0.78 - 0.3 * np.clip((v - 0.3) / 0.6, 0, 1))[..., None]
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def _load_music_file(path: Path, duration_s: float) -> np.ndarray:
+    proc = run_ffmpeg(
+        ["-i", path, "-vn", "-ac", "2", "-ar", str(SAMPLE_RATE), "-f", "f32le", "-"], timeout=120
+    )
+    x = np.frombuffer(proc.stdout, "<f4").reshape(-1, 2).astype(np.float64)
+    n = round(duration_s * SAMPLE_RATE)
+    if x.shape[0] < n:
+        x = np.pad(x, ((0, n - x.shape[0]), (0, 0)))
+    x = x[:n].copy()
+    audio_mod._fade_ends(x, SAMPLE_RATE)
+    return x
+
+
+def segment_parameter_sets(path: Path) -> bytes:
+    """The SPS and PPS NAL units at the start of an H.264 MP4 (Annex B), to prove that
+    segments can be joined by stream copy."""
+    proc = run_ffmpeg(
+        [
+            "-i",
+            path,
+            "-c:v",
+            "copy",
+            "-bsf:v",
+            "h264_mp4toannexb",
+            "-frames:v",
+            "1",
+            "-an",
+            "-f",
+            "h264",
+            "-",
+        ],
+        timeout=60,
+    )
+    data = proc.stdout
+    nals = [n for n in re.split(b"\x00\x00\x00\x01|\x00\x00\x01", data) if n]
+    return b"".join(n for n in nals if n[0] & 0x1F in (7, 8))
+
+
+__all__ = [
+    "ENGINE_VERSION",
+    "Cue",
+    "RenderResult",
+    "SharedSegments",
+    "TemplateRenderer",
+    "Variant",
+    "ffmpeg_exe",
+    "make_cues",
+    "resolve_variant",
+    "segment_parameter_sets",
+    "speech_parts",
+    "write_vtt",
+]

@@ -1,0 +1,192 @@
+"""Text layout: CJK-aware line breaking and auto-fit inside a box.
+
+Latin text breaks at spaces; CJK text may break between any two characters except where
+the rules of kinsoku shori forbid it (no closing punctuation at the start of a line, no
+opening bracket at its end). Among the wrappings with at most `max_lines` lines the
+largest font size wins, with a small penalty per extra line, and lines are balanced
+(the narrowest wrapping with that many lines) rather than greedily filled.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from collections.abc import Sequence
+from functools import lru_cache
+
+from PIL import ImageFont
+
+from pipeline.render.fonts import FontFace, require_glyphs
+from pipeline.render.media import RenderError
+from pipeline.render.simple import FittedText
+
+# May not start a line (closing punctuation, small kana, prolonged sound mark...).
+NO_LINE_START = frozenset(
+    "、。，．,.!！?？:：;；)）]］}｝〕〉》」』】〙〗〟'’\"”»ゝゞーァィゥェォッャュョヮヵヶぁぃぅぇぉっゃゅょゎゕゖ"
+    "ㇰㇱㇲㇳㇴㇵㇶㇷㇸㇹㇺㇻㇼㇽㇾㇿ々〻‐゠–〜～・…‥"
+)
+# May not end a line (opening brackets and quotes).
+NO_LINE_END = frozenset("([｛〔〈《「『【〘〖〝‘“«（［")
+
+LINE_PENALTY = 0.12  # a wrapping with k lines scores size / (1 + LINE_PENALTY * (k - 1))
+
+
+def _is_wide(ch: str) -> bool:
+    return unicodedata.east_asian_width(ch) in ("W", "F")
+
+
+def tokens(text: str) -> list[str]:
+    """Unbreakable pieces: Latin words (with their trailing space), single CJK characters;
+    punctuation glued so that no line starts or ends where kinsoku forbids it."""
+    raw: list[str] = []
+    word = ""
+    for ch in text:
+        if ch == " ":
+            if word:
+                raw.append(word + " ")
+            elif raw:
+                raw[-1] += " "
+            word = ""
+        elif _is_wide(ch) or ch in NO_LINE_START or ch in NO_LINE_END:
+            if word:
+                raw.append(word)
+                word = ""
+            raw.append(ch)
+        else:
+            word += ch
+    if word:
+        raw.append(word)
+    out: list[str] = []
+    carry = ""
+    for tok in raw:
+        if out and tok[0] in NO_LINE_START and not carry:
+            out[-1] += tok
+            continue
+        tok = carry + tok
+        carry = ""
+        if tok.rstrip()[-1:] in NO_LINE_END:
+            carry = tok
+            continue
+        out.append(tok)
+    if carry:
+        if out:
+            out[-1] += carry
+        else:
+            out.append(carry)
+    return out
+
+
+def _wrap(toks: Sequence[str], widths: Sequence[float], space: float, limit: float) -> list[str]:
+    """Greedy wrap at `limit` px; trailing spaces do not count against the limit."""
+    lines: list[list[str]] = [[]]
+    cur = 0.0
+    for tok, w in zip(toks, widths, strict=True):
+        trail = space if tok.endswith(" ") else 0.0
+        if lines[-1] and cur + w - trail > limit:
+            lines.append([])
+            cur = 0.0
+        lines[-1].append(tok)
+        cur += w
+    return ["".join(ln).strip() for ln in lines if "".join(ln).strip()]
+
+
+def balanced_lines(text: str, font: ImageFont.FreeTypeFont, max_lines: int) -> list[list[str]]:
+    """For k = 1..max_lines, the narrowest wrapping with at most k lines (deduplicated)."""
+    paragraphs = [p.strip() for p in text.split("\n") if p.strip()]
+    if len(paragraphs) > 1:  # explicit lines are kept as they are
+        return [paragraphs]
+    toks = tokens(paragraphs[0] if paragraphs else text)
+    widths = [font.getlength(t) for t in toks]
+    space = font.getlength(" ")
+    total = sum(widths)
+    out: list[list[str]] = []
+    for k in range(1, max_lines + 1):
+        lo, hi = max(widths) if widths else 0.0, total
+        best = _wrap(toks, widths, space, hi)
+        for _ in range(24):
+            if hi - lo < 0.5:
+                break
+            mid = (lo + hi) / 2
+            lines = _wrap(toks, widths, space, mid)
+            if len(lines) <= k:
+                best, hi = lines, mid
+            else:
+                lo = mid
+        if len(best) <= k and best not in out:
+            out.append(best)
+    return out
+
+
+@lru_cache(maxsize=512)
+def _font(path: str, index: int, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, size=size, index=index)
+
+
+def _measure(face: FontFace, lines: Sequence[str], size: int, leading: float) -> FittedText:
+    font = _font(str(face.path), face.index, size)
+    boxes = [font.getbbox(ln, anchor="ma") for ln in lines]
+    line_height = round(size * leading)
+    return FittedText(
+        lines=tuple(lines),
+        size=size,
+        line_height=line_height,
+        widths=tuple(math.ceil(b[2] - b[0]) for b in boxes),
+        ink_top=math.floor(min(b[1] + i * line_height for i, b in enumerate(boxes))),
+        ink_bottom=math.ceil(max(b[3] + i * line_height for i, b in enumerate(boxes))),
+    )
+
+
+def fit_block(
+    text: str,
+    face: FontFace,
+    *,
+    max_width: int,
+    max_height: int,
+    max_size: int,
+    min_size: int,
+    leading: float = 1.25,
+    max_lines: int = 2,
+) -> FittedText:
+    """The largest, balanced layout of `text` inside max_width x max_height.
+
+    Raises RenderError when even min_size does not fit in max_lines lines.
+    """
+    require_glyphs(face, text)
+    if min_size > max_size:
+        min_size = max_size
+
+    def best_at(size: int) -> tuple[float, FittedText] | None:
+        font = _font(str(face.path), face.index, size)
+        best: tuple[float, FittedText] | None = None
+        for lines in balanced_lines(text, font, max_lines):
+            if len(lines) > max_lines:
+                continue
+            m = _measure(face, lines, size, leading)
+            if m.width <= max_width and m.height <= max_height:
+                score = size / (1 + LINE_PENALTY * (len(lines) - 1))
+                if best is None or score > best[0]:
+                    best = (score, m)
+        return best
+
+    # fits(size) is monotone enough for a binary search on the largest size that fits
+    if best_at(min_size) is None:
+        raise RenderError(
+            f"text {text!r} does not fit in {max_width}x{max_height} px in {max_lines} lines "
+            f"even at {min_size} px"
+        )
+    lo, hi = min_size, max_size
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if best_at(mid) is not None:
+            lo = mid
+        else:
+            hi = mid - 1
+    # a smaller size with fewer lines may score better: compare a few candidates
+    top = best_at(lo)
+    assert top is not None
+    for size in range(lo - 1, max(min_size, round(lo / (1 + LINE_PENALTY))) - 1, -1):
+        cand = best_at(size)
+        if cand is not None and len(cand[1].lines) < len(top[1].lines) and cand[0] > top[0]:
+            top = cand
+            break
+    return top[1]

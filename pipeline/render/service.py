@@ -1,0 +1,137 @@
+"""The render step: claim the job, render, upload to staging, record, announce."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.adapters.storage import ObjectStore
+from pipeline.errors import PermanentError
+from pipeline.keys import clip_key, poster_key
+from pipeline.ports import EventPublisher, Renderer
+from pipeline.repositories import JobRepository
+from pipeline.settings import Settings
+from pipeline.topics import RENDER_RESULTS
+from schemas.events import ClipRendered, Envelope, RenderRequested
+from schemas.jobs import JobState
+
+log = logging.getLogger(__name__)
+
+# Past these states the render step has nothing left to do for a job.
+_AFTER_RENDER = frozenset(JobState) - {JobState.REQUESTED, JobState.RENDERING, JobState.RENDERED}
+
+
+class RenderService:
+    def __init__(
+        self,
+        settings: Settings,
+        jobs: JobRepository,
+        store: ObjectStore,
+        events: EventPublisher,
+        renderer: Renderer,
+        *,
+        owner: str,
+        lease_s: float = 300.0,
+    ) -> None:
+        self.settings = settings
+        self.jobs = jobs
+        self.store = store
+        self.events = events
+        self.renderer = renderer
+        self.owner = owner
+        self.lease_s = lease_s
+
+    def handle(self, env: Envelope[RenderRequested]) -> None:
+        req = env.payload
+        self.jobs.create_if_absent(req)  # requests may come straight from an app, not a brief
+        job = self.jobs.get(req.job_id)
+        assert job is not None
+        if job.state in _AFTER_RENDER:
+            log.info("render %s: already %s, nothing to do", req.job_id, job.state)
+            return
+        if job.state == JobState.RENDERED:
+            # We crashed after recording the render but before announcing it: announce again.
+            self._announce(req, env.trace_id)
+            return
+        claimed = self.jobs.claim(
+            req.job_id,
+            to_state=JobState.RENDERING,
+            from_states=[JobState.REQUESTED],
+            owner=self.owner,
+            lease_s=self.lease_s,
+        )
+        if claimed is None:
+            log.info("render %s: another worker holds it", req.job_id)
+            return
+        work = Path(tempfile.mkdtemp(prefix=f"render-{req.job_id}-", dir=self._work_root()))
+        try:
+            clip = self.renderer(req, work, self._fetch_photo(req, work))
+            meta = {
+                "sha256": clip.sha256,
+                "duration": f"{clip.duration_s:.3f}",
+                "width": str(clip.width),
+                "height": str(clip.height),
+                "job-id": str(req.job_id),
+            }
+            vkey = clip_key(req.campaign_id, req.recipient.id, req.job_id)
+            pkey = poster_key(req.campaign_id, req.recipient.id, req.job_id)
+            bucket = self.settings.bucket_staging
+            self.store.put_file(bucket, vkey, clip.video_path, content_type="video/mp4", metadata=meta)
+            self.store.put_file(bucket, pkey, clip.poster_path, content_type="image/jpeg")
+            captions = getattr(clip, "captions_path", None)
+            if captions is not None:
+                ckey = clip_key(req.campaign_id, req.recipient.id, req.job_id, "vtt")
+                self.store.put_file(bucket, ckey, captions, content_type="text/vtt; charset=utf-8")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        won = self.jobs.transition(
+            req.job_id,
+            to_state=JobState.RENDERED,
+            expected=JobState.RENDERING,
+            claim_token=claimed.claim_token,
+            actor=self.owner,
+            staging_key=vkey,
+            poster_key=pkey,
+        )
+        if not won:
+            log.warning("render %s: lost the job while rendering (lease expired?)", req.job_id)
+            return
+        self._announce(req, env.trace_id)
+
+    def _fetch_photo(self, req: RenderRequested, work: Path) -> Path | None:
+        key = req.recipient.photo_key
+        if key is None:
+            return None
+        bucket = self.settings.bucket_assets
+        if not self.store.exists(bucket, key):
+            raise PermanentError(f"render {req.job_id}: photo {key!r} is not in bucket {bucket}")
+        return self.store.get_file(bucket, key, work / ("photo" + Path(key).suffix.lower()))
+
+    def _announce(self, req: RenderRequested, trace_id: str) -> None:
+        vkey = clip_key(req.campaign_id, req.recipient.id, req.job_id)
+        info = self.store.stat(self.settings.bucket_staging, vkey)
+        if info is None:
+            raise RuntimeError(f"render {req.job_id}: staging object {vkey} is missing")
+        self.events.publish(
+            RENDER_RESULTS,
+            ClipRendered(
+                job_id=req.job_id,
+                campaign_id=req.campaign_id,
+                recipient_id=req.recipient.id,
+                staging_key=vkey,
+                poster_key=poster_key(req.campaign_id, req.recipient.id, req.job_id),
+                sha256=info.metadata["sha256"],
+                duration_s=float(info.metadata["duration"]),
+                width=int(info.metadata["width"]),
+                height=int(info.metadata["height"]),
+            ),
+            key=str(req.job_id),
+            trace_id=trace_id,
+        )
+
+    def _work_root(self) -> Path:
+        root = self.settings.resolved_render_dir
+        root.mkdir(parents=True, exist_ok=True)
+        return root

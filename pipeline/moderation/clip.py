@@ -1,0 +1,124 @@
+"""One pass over a rendered clip for moderation: faces (likeness) and the visible label.
+
+Frames are decoded once, scaled to the analysis width: the first frame, at least one per
+`likeness_sample_interval_s`, every scene change, and one every 0.5 s during the
+visible-label window. Each frame is searched for faces and for the label.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.moderation.labels import LabelDetector, label_findings, visible_label_report
+from pipeline.moderation.likeness import (
+    FaceEngine,
+    FaceSighting,
+    LikenessError,
+    References,
+    analysis_size,
+    crop_jpeg,
+    faces_in_frame,
+    faces_in_photo,
+    likeness_findings,
+    load_rgb,
+    sample_frames,
+)
+from pipeline.settings import Settings
+from schemas.events import Finding
+from schemas.provenance import LabelSighting, VisibleLabelReport
+
+
+@dataclass(frozen=True)
+class ClipAnalysis:
+    frames_sampled: int
+    duration_s: float
+    width: int
+    height: int
+    sightings: tuple[FaceSighting, ...]
+    label: VisibleLabelReport
+    seconds: float  # wall time of the analysis
+
+
+def analyze_clip(
+    video: Path, settings: Settings, engine: FaceEngine, *, keep_crops: bool = True
+) -> ClipAnalysis:
+    """Sample `video` once; detect faces and the visible label in every sampled frame."""
+    from pipeline.render.media import RenderError, probe
+
+    t0 = time.monotonic()
+    try:
+        info = probe(video)
+    except RenderError as exc:
+        raise LikenessError(f"cannot read the clip {video.name}: {exc}") from exc
+    if not info.width or not info.height:
+        raise LikenessError(f"the clip {video.name} has no video stream")
+    w, h = analysis_size(info.width, info.height, settings.likeness_analysis_width)
+    detector = LabelDetector(threshold=settings.label_match_threshold)
+    sightings: list[FaceSighting] = []
+    label_frames: list[tuple[float, LabelSighting | None]] = []
+    try:
+        for fr in sample_frames(
+            video,
+            width=w,
+            height=h,
+            interval_s=settings.likeness_sample_interval_s,
+            scene_threshold=settings.likeness_scene_threshold,
+            max_frames=settings.likeness_max_frames,
+            dense_until_s=settings.label_min_seconds,
+        ):
+            sightings.extend(faces_in_frame(engine, fr, keep_crops=keep_crops))
+            label_frames.append((fr.t, detector.find(fr.image, fr.t)))
+    except RenderError as exc:
+        raise LikenessError(f"cannot decode the clip {video.name}: {exc}") from exc
+    return ClipAnalysis(
+        frames_sampled=len(label_frames),
+        duration_s=info.duration_s,
+        width=info.width,
+        height=info.height,
+        sightings=tuple(sightings),
+        label=visible_label_report(
+            label_frames, duration_s=info.duration_s, required_s=settings.label_min_seconds
+        ),
+        seconds=time.monotonic() - t0,
+    )
+
+
+def photo_sightings(engine: FaceEngine, photo: Path, *, keep_crops: bool = True) -> list[FaceSighting]:
+    """Faces of the subject photo that went into the clip (source 'photo', t = -1)."""
+    rgb = load_rgb(photo) if keep_crops else None
+    out = []
+    for f in faces_in_photo(engine, photo):
+        out.append(
+            FaceSighting(
+                t=-1.0,
+                box=f.box,
+                score=f.score,
+                embedding=f.embedding,
+                crop_jpeg=crop_jpeg(rgb, f.box) if rgb is not None else None,
+                source="photo",
+            )
+        )
+    return out
+
+
+def clip_findings(
+    analysis: ClipAnalysis,
+    refs: References,
+    settings: Settings,
+    *,
+    face_subjects: Sequence[str] = (),
+    extra_sightings: Sequence[FaceSighting] = (),
+) -> tuple[list[Finding], list[tuple[Finding, FaceSighting]]]:
+    """Likeness and visible-label findings of an analysed clip (and of its input photo)."""
+    findings, to_show = likeness_findings(
+        [*extra_sightings, *analysis.sightings],
+        refs,
+        threshold=settings.likeness_threshold,
+        frames_sampled=analysis.frames_sampled,
+        face_subjects=face_subjects,
+    )
+    findings.extend(label_findings(analysis.label))
+    return findings, to_show

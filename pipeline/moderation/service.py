@@ -1,0 +1,257 @@
+"""The moderation step: decide approved / rejected / needs_review for a rendered clip.
+
+Checks, in order: consent (every subject, every scope, for this purpose), text (merge
+fields and prompts), likeness (every face in the input photo and in the sampled frames is
+a consented subject; a protected person rejects; an unknown face goes to a human) and
+the visible AI label. The policy turns the findings into a decision; the findings are
+stored (append-only) for the review queue and sent with the decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+from pipeline.adapters.storage import ObjectStore, sha256_file, validate_key
+from pipeline.errors import PermanentError
+from pipeline.moderation.clip import analyze_clip, clip_findings, photo_sightings
+from pipeline.moderation.consent import consent_findings, consented_face_references
+from pipeline.moderation.likeness import FaceEngine, FaceSighting, References
+from pipeline.moderation.policy import ModerationPolicy, summarize
+from pipeline.moderation.text import AbuseLists, text_fields, text_findings
+from pipeline.ports import EventPublisher
+from pipeline.repositories import (
+    ConsentRepository,
+    JobRecord,
+    JobRepository,
+    LikenessGallery,
+    ModerationResultRepository,
+)
+from pipeline.settings import Settings
+from pipeline.topics import MODERATION_DECISIONS
+from schemas.common import Scope, utcnow
+from schemas.events import (
+    ClipRendered,
+    Decision,
+    Envelope,
+    Finding,
+    ModerationDecided,
+    RenderRequested,
+)
+from schemas.jobs import JobState
+
+log = logging.getLogger(__name__)
+
+_DECIDED = {
+    JobState.APPROVED: Decision.APPROVED,
+    JobState.REJECTED: Decision.REJECTED,
+    JobState.NEEDS_REVIEW: Decision.NEEDS_REVIEW,
+}
+
+Check = Callable[[RenderRequested, ClipRendered, datetime], Sequence[Finding]]
+
+
+def decide(findings: Sequence[Finding]) -> Decision:
+    """The default policy (no overrides)."""
+    return ModerationPolicy().decide(findings)
+
+
+class ModerationService:
+    def __init__(
+        self,
+        settings: Settings,
+        jobs: JobRepository,
+        consents: ConsentRepository,
+        results: ModerationResultRepository,
+        gallery: LikenessGallery,
+        store: ObjectStore,
+        events: EventPublisher,
+        *,
+        owner: str,
+        faces: Callable[[], FaceEngine],
+        policy: ModerationPolicy | None = None,
+        abuse: AbuseLists | None = None,
+        extra_checks: Sequence[Check] = (),
+        lease_s: float = 300.0,
+    ) -> None:
+        self.settings = settings
+        self.jobs = jobs
+        self.consents = consents
+        self.results = results
+        self.gallery = gallery
+        self.store = store
+        self.events = events
+        self.owner = owner
+        self._faces = faces
+        self.policy = policy or ModerationPolicy.parse(settings.moderation_rules)
+        self.abuse = abuse or AbuseLists.load(settings.text_abuse_lists_dir)
+        self.extra_checks = tuple(extra_checks)
+        self.lease_s = lease_s
+
+    def handle(self, env: Envelope[ClipRendered]) -> None:
+        clip = env.payload
+        job = self.jobs.get(clip.job_id)
+        if job is None:
+            raise LookupError(f"moderate {clip.job_id}: unknown job")
+        if job.state in _DECIDED or job.state in (JobState.PUBLISHING, JobState.PUBLISHED):
+            if job.state == JobState.APPROVED:
+                # Re-announce: we may have crashed between recording and announcing.
+                last = self.results.latest(job.job_id)
+                found = last.findings if last else ()
+                self._announce(job, Decision.APPROVED, found, job.reason or "", env.trace_id)
+            return
+        claimed = self.jobs.claim(
+            clip.job_id,
+            to_state=JobState.MODERATING,
+            from_states=[JobState.RENDERED],
+            owner=self.owner,
+            lease_s=self.lease_s,
+        )
+        if claimed is None:
+            log.info("moderate %s: state %s, not claimable", clip.job_id, job.state)
+            return
+        assert claimed.claim_token is not None
+        try:
+            findings = self._moderate(claimed, clip)
+        except Exception:
+            # Let the retry (or the next delivery) claim the job again straight away.
+            self.jobs.release(clip.job_id, claim_token=claimed.claim_token)
+            raise
+        findings = self.policy.apply(findings)
+        decision = self.policy.decide(findings)
+        reason = summarize(findings)
+        self.results.record(clip.job_id, decision, findings, decided_by=self.owner, reason=reason)
+        won = self.jobs.transition(
+            clip.job_id,
+            to_state=JobState(decision.value),
+            expected=JobState.MODERATING,
+            claim_token=claimed.claim_token,
+            reason=reason or None,
+            actor=self.owner,
+        )
+        if won:
+            log.info(
+                "moderate %s: %s (%s)",
+                clip.job_id,
+                decision.value,
+                reason or f"{len(findings)} findings, all info",
+            )
+            self._announce(claimed, decision, findings, reason, env.trace_id)
+
+    def _moderate(self, job: JobRecord, clip: ClipRendered) -> list[Finding]:
+        req = job.request
+        now = utcnow()
+        findings: list[Finding] = consent_findings(
+            self.consents, req.subjects, campaign_id=req.campaign_id, at=now
+        )
+        findings.extend(
+            text_findings(
+                text_fields(req),
+                self.abuse,
+                max_chars=self.settings.text_max_chars,
+                name_max_chars=self.settings.text_name_max_chars,
+            )
+        )
+        work = Path(tempfile.mkdtemp(prefix=f"moderate-{req.job_id}-", dir=self._work_root()))
+        try:
+            video = self._fetch_clip(job, clip, work)
+            photo = self._fetch_photo(req, work)
+            engine = self._faces()
+            t0 = time.monotonic()
+            analysis = analyze_clip(video, self.settings, engine)
+            extra: list[FaceSighting] = photo_sightings(engine, photo) if photo is not None else []
+            refs = References(
+                consented=consented_face_references(
+                    self.consents, req.subjects, campaign_id=req.campaign_id, at=now
+                ),
+                protected=self.gallery.faces(),
+            )
+            face_subjects = [u.subject_id for u in req.subjects if Scope.FACE in u.scopes]
+            more, to_show = clip_findings(
+                analysis, refs, self.settings, face_subjects=face_subjects, extra_sightings=extra
+            )
+            log.info(
+                "moderate %s: %d frames, %d faces analysed in %.2fs",
+                req.job_id, analysis.frames_sampled, len(analysis.sightings), time.monotonic() - t0,
+            )  # fmt: skip
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        findings.extend(self._with_crops(job, more, to_show))
+        for check in self.extra_checks:
+            findings.extend(check(req, clip, now))
+        return findings
+
+    def _fetch_clip(self, job: JobRecord, clip: ClipRendered, work: Path) -> Path:
+        key = job.staging_key or clip.staging_key
+        bucket = self.settings.bucket_staging
+        if not self.store.exists(bucket, key):
+            raise PermanentError(f"moderate {job.job_id}: staging object {key} is missing")
+        video = self.store.get_file(bucket, key, work / "clip.mp4")
+        digest = sha256_file(video)
+        if digest != clip.sha256:
+            raise PermanentError(
+                f"moderate {job.job_id}: staging object {key} is not the rendered clip "
+                f"(sha256 {digest[:12]}..., expected {clip.sha256[:12]}...)"
+            )
+        return video
+
+    def _fetch_photo(self, req: RenderRequested, work: Path) -> Path | None:
+        key = req.recipient.photo_key
+        if key is None:
+            return None
+        bucket = self.settings.bucket_assets
+        if not self.store.exists(bucket, key):
+            raise PermanentError(f"moderate {req.job_id}: photo {key!r} is not in bucket {bucket}")
+        return self.store.get_file(bucket, key, work / ("photo" + Path(key).suffix.lower()))
+
+    def _with_crops(
+        self, job: JobRecord, findings: list[Finding], to_show: Sequence[tuple[Finding, FaceSighting]]
+    ) -> list[Finding]:
+        """Upload the face crop a reviewer needs next to each unknown / protected finding."""
+        crops: dict[int, str] = {}
+        for n, (finding, sighting) in enumerate(to_show, start=1):
+            if sighting.crop_jpeg is None:
+                continue
+            key = validate_key(f"{job.campaign_id}/{job.recipient_id}/{job.job_id}-face{n}.jpg")
+            self.store.put_bytes(
+                self.settings.bucket_staging, key, sighting.crop_jpeg, content_type="image/jpeg"
+            )
+            crops[id(finding)] = key
+        out = []
+        for f in findings:
+            if id(f) in crops:
+                f = f.model_copy(update={"evidence": {**f.evidence, "crop_key": crops[id(f)]}})
+            out.append(f)
+        return out
+
+    def _announce(
+        self,
+        job: JobRecord,
+        decision: Decision,
+        findings: Sequence[Finding],
+        reason: str,
+        trace_id: str,
+    ) -> None:
+        self.events.publish(
+            MODERATION_DECISIONS,
+            ModerationDecided(
+                job_id=job.job_id,
+                campaign_id=job.campaign_id,
+                decision=decision,
+                findings=tuple(findings),
+                decided_by=self.owner,
+                reason=reason,
+            ),
+            key=str(job.job_id),
+            trace_id=trace_id,
+        )
+
+    def _work_root(self) -> Path:
+        root = self.settings.resolved_render_dir / "moderate"
+        root.mkdir(parents=True, exist_ok=True)
+        return root

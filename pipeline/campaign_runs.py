@@ -1,0 +1,330 @@
+"""One run of a scheduled campaign, step by step. The `campaign_<id>` Airflow DAG
+(dags/greetflow_campaigns.py) calls one method per task; nothing here imports Airflow.
+
+A run keeps its working set in the staging bucket under
+`campaign-runs/<campaign>/<run>/`, so every step (and every retry, on any worker) sees
+the same data, and the run stays auditable afterwards:
+
+- `brief.json`: the brief as validated when the run started (later edits of the brief
+  file do not change a run that is under way);
+- `audience/part-NNNNN.jsonl`: the resolved audience, one validated recipient a line,
+  one file per chunk;
+- `jobs/part-NNNNN.txt`: the deterministic job ids of each chunk, one a line.
+
+Steps: `start` (validate), `resolve`, `prewarm`, `submit_part` (one per chunk), `progress`
+(polled until every job is settled or the deadline passes), `report`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.adapters.storage import ObjectStore, validate_key
+from pipeline.audience import check_source, iter_audience
+from pipeline.campaigns import BriefError, CampaignService, check_template_fields, load_brief, parse_brief
+from pipeline.reports import CampaignReport, WrittenReport, build_report, write_report
+from pipeline.repositories import JobRepository
+from pipeline.settings import Settings
+from schemas.brief import CampaignBrief, Recipient, TemplateRef
+from schemas.common import GREETFLOW_NAMESPACE, Locale, job_id_for, utcnow
+from schemas.jobs import FINAL_STATES, WAITING_FOR_HUMAN, JobState
+
+if TYPE_CHECKING:
+    from pipeline.bootstrap import Container
+
+log = logging.getLogger(__name__)
+
+RUNS_PREFIX = "campaign-runs"
+Prewarm = Callable[[TemplateRef, Locale], bool]
+
+
+def run_key_for(run_id: str) -> str:
+    """An object-key-safe, unique name for an orchestrator run id (e.g. Airflow's
+    `scheduled__2027-02-05T12:00:00+00:00`)."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", run_id).strip("-_")[:80] or "run"
+    digest = hashlib.sha256(run_id.encode("utf-8")).hexdigest()[:8]
+    return f"{slug}-{digest}"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What every step of a run needs; small and JSON-safe (it travels as an XCom)."""
+
+    campaign_id: str
+    title: str
+    run_id: str
+    run_key: str
+    brief_key: str
+    trace_id: str
+    deadline: str  # ISO 8601, UTC
+    audience: str  # e.g. "inline", "csv:audiences/lny.csv"
+    template: dict[str, str]
+
+    @property
+    def prefix(self) -> str:
+        return f"{RUNS_PREFIX}/{self.campaign_id}/{self.run_key}"
+
+    @property
+    def deadline_at(self) -> datetime:
+        return datetime.fromisoformat(self.deadline)
+
+    def part_key(self, i: int) -> str:
+        return validate_key(f"{self.prefix}/audience/part-{i:05d}.jsonl")
+
+    def jobs_key(self, part_key: str) -> str:
+        name = Path(part_key).name.removesuffix(".jsonl")
+        return validate_key(f"{self.prefix}/jobs/{name}.txt")
+
+    def to_xcom(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_xcom(cls, data: dict[str, Any]) -> RunInfo:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One audience chunk: its object key, size and the locales in it."""
+
+    key: str
+    recipients: int
+    locales: list[str]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    parts: list[Part]
+
+    @property
+    def recipients(self) -> int:
+        return sum(p.recipients for p in self.parts)
+
+    @property
+    def locales(self) -> list[str]:
+        return sorted({loc for p in self.parts for loc in p.locales})
+
+    def to_xcom(self) -> list[dict[str, Any]]:
+        """One entry per chunk (the DAG maps a publish task over them)."""
+        return [asdict(p) for p in self.parts]
+
+
+@dataclass(frozen=True)
+class Progress:
+    total: int
+    counts: dict[str, int]
+    unsettled: int
+    deadline_passed: bool
+
+    @property
+    def settled(self) -> bool:
+        return self.unsettled == 0
+
+    def describe(self) -> str:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()) if v)
+        return f"{self.total - self.unsettled}/{self.total} settled ({shown or 'no jobs yet'})"
+
+
+class CampaignRunService:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ObjectStore,
+        jobs: JobRepository,
+        campaigns: CampaignService,
+        prewarm: Prewarm,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.jobs = jobs
+        self.campaigns = campaigns
+        self._prewarm = prewarm
+
+    @classmethod
+    def from_container(cls, c: Container) -> CampaignRunService:
+        return cls(c.settings, c.store, c.jobs, c.campaigns(), c.prewarm)
+
+    @property
+    def bucket(self) -> str:
+        return self.settings.bucket_staging
+
+    @property
+    def settled_states(self) -> frozenset[JobState]:
+        if self.settings.campaign_wait_for_review:
+            return FINAL_STATES
+        return FINAL_STATES | WAITING_FOR_HUMAN
+
+    # ------------------------------------------------------------------ steps
+
+    def start(
+        self,
+        brief_path: Path,
+        run_id: str,
+        *,
+        expect_campaign_id: str | None = None,
+        deadline_s: float | None = None,
+        now: datetime | None = None,
+    ) -> RunInfo:
+        """Validate the brief file and its audience source; snapshot the brief for the run."""
+        brief = load_brief(brief_path)
+        if expect_campaign_id is not None and brief.campaign_id != expect_campaign_id:
+            raise BriefError(
+                f"{brief_path} now names campaign {brief.campaign_id!r}, not {expect_campaign_id!r}; "
+                "the DAG is re-created under the new id at the next parse"
+            )
+        check_template_fields(brief, list(brief.recipients))  # the template exists and fits
+        src = check_source(brief, self.store, self.settings)
+        now = now or utcnow()
+        run = RunInfo(
+            campaign_id=brief.campaign_id,
+            title=brief.title,
+            run_id=run_id,
+            run_key=run_key_for(run_id),
+            brief_key="",
+            trace_id=uuid.uuid5(GREETFLOW_NAMESPACE, f"run:{brief.campaign_id}/{run_id}").hex,
+            deadline=(now + timedelta(seconds=deadline_s or self.settings.campaign_deadline_s)).isoformat(),
+            audience=src.describe(),
+            template={"name": brief.template.name, "version": brief.template.version},
+        )
+        run = RunInfo(**{**asdict(run), "brief_key": validate_key(f"{run.prefix}/brief.json")})
+        self.store.put_bytes(
+            self.bucket,
+            run.brief_key,
+            brief.model_dump_json().encode("utf-8"),
+            content_type="application/json",
+        )
+        log.info("campaign %s run %s: brief valid, audience %s", run.campaign_id, run.run_key, run.audience)
+        return run
+
+    def brief(self, run: RunInfo) -> CampaignBrief:
+        data = json.loads(self.store.get_bytes(self.bucket, run.brief_key))
+        return parse_brief(data, source=f"run snapshot {run.brief_key}")
+
+    def resolve(self, run: RunInfo) -> Resolved:
+        """Stream the audience into chunk files (and their job ids) in the staging bucket."""
+        brief = self.brief(run)
+        for stale in self.store.list_keys(self.bucket, f"{run.prefix}/audience/") + self.store.list_keys(
+            self.bucket, f"{run.prefix}/jobs/"
+        ):
+            self.store.remove(self.bucket, stale)  # a retry of a run whose audience shrank
+        parts: list[Part] = []
+        for i, chunk in enumerate(iter_audience(brief, store=self.store, settings=self.settings)):
+            key = run.part_key(i)
+            body = "".join(r.model_dump_json() + "\n" for r in chunk).encode("utf-8")
+            ids = "".join(f"{self._job_id(brief, r)}\n" for r in chunk).encode("ascii")
+            self.store.put_bytes(self.bucket, key, body, content_type="application/x-ndjson")
+            self.store.put_bytes(self.bucket, run.jobs_key(key), ids, content_type="text/plain")
+            parts.append(Part(key, len(chunk), sorted({r.locale.value for r in chunk})))
+        out = Resolved(parts)
+        log.info(
+            "campaign %s run %s: %d recipients in %d chunk(s), locales %s",
+            run.campaign_id,
+            run.run_key,
+            out.recipients,
+            len(parts),
+            ", ".join(out.locales),
+        )
+        return out
+
+    def prewarm(self, run: RunInfo, locales: list[str]) -> dict[str, Any]:
+        """Ask the renderer to build the shared segments of every (template, locale).
+
+        Never fails the run: prewarming only makes the renders faster, so an error is
+        logged and returned (the renders then build the segments themselves).
+        """
+        template = TemplateRef(**run.template)
+        done: list[str] = []
+        failed: dict[str, str] = {}
+        for loc in locales:
+            try:
+                if self._prewarm(template, Locale(loc)):
+                    done.append(loc)
+            except Exception as exc:
+                log.warning("campaign %s: prewarm %s/%s failed: %s", run.campaign_id, template.name, loc, exc)
+                failed[loc] = f"{type(exc).__name__}: {exc}"[:500]
+        if not done and not failed:
+            log.info("campaign %s: the renderer has no prewarm hook; nothing to prewarm", run.campaign_id)
+        return {"template": f"{template.name}@{template.version}", "prewarmed": done, "failed": failed}
+
+    def submit_part(self, run: RunInfo, part_key: str) -> dict[str, int]:
+        """Create the chunk's jobs and publish their render requests (idempotent)."""
+        brief = self.brief(run)
+        if not part_key.startswith(f"{run.prefix}/audience/"):
+            raise BriefError(f"{part_key!r} is not an audience chunk of run {run.run_key}")
+        text = self.store.get_bytes(self.bucket, part_key).decode("utf-8")
+        recipients = [Recipient.model_validate_json(line) for line in text.splitlines() if line.strip()]
+        res = self.campaigns.submit(
+            brief,
+            recipients=recipients,
+            batch_size=self.settings.campaign_batch_size,
+            trace_id=run.trace_id,
+        )
+        return {
+            "jobs": len(res.job_ids),
+            "created": res.created,
+            "requested": res.requested,
+            "already_final": res.already_final,
+        }
+
+    def job_ids(self, run: RunInfo) -> list[uuid.UUID]:
+        out: list[uuid.UUID] = []
+        for key in sorted(self.store.list_keys(self.bucket, f"{run.prefix}/jobs/")):
+            text = self.store.get_bytes(self.bucket, key).decode("ascii")
+            out.extend(uuid.UUID(line) for line in text.split())
+        return out
+
+    def progress(self, run: RunInfo, *, now: datetime | None = None) -> Progress:
+        ids = self.job_ids(run)
+        states = self.jobs.states_of(ids)
+        counts: dict[str, int] = {}
+        for st in states.values():
+            counts[st.value] = counts.get(st.value, 0) + 1
+        missing = len(ids) - len(states)
+        if missing:
+            counts["missing"] = missing
+        unsettled = missing + sum(1 for st in states.values() if st not in self.settled_states)
+        return Progress(
+            total=len(ids),
+            counts=counts,
+            unsettled=unsettled,
+            deadline_passed=(now or utcnow()) > run.deadline_at,
+        )
+
+    def report(self, run: RunInfo, *, now: datetime | None = None) -> tuple[CampaignReport, WrittenReport]:
+        ids = self.job_ids(run)
+        report = build_report(
+            campaign_id=run.campaign_id,
+            title=run.title,
+            run_id=run.run_id,
+            run_key=run.run_key,
+            template=run.template,
+            audience={"source": run.audience, "recipients": len(ids)},
+            job_ids=ids,
+            records=self.jobs.get_many(ids),
+            history=self.jobs.history_many(ids),
+            settled=self.settled_states,
+            deadline=run.deadline_at,
+            now=now,
+        )
+        written = write_report(report, self.store, self.settings.bucket_reports)
+        log.info(
+            "campaign %s run %s: report %s (complete=%s)",
+            run.campaign_id,
+            run.run_key,
+            written.json_key,
+            report.complete,
+        )
+        return report, written
+
+    @staticmethod
+    def _job_id(brief: CampaignBrief, r: Recipient) -> uuid.UUID:
+        return job_id_for(brief.campaign_id, r.id, brief.template.name, brief.template.version)

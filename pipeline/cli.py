@@ -1,0 +1,208 @@
+"""The `greetflow` command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import GreetflowError
+from pipeline.logs import setup_logging
+from pipeline.settings import get_settings
+
+WORKERS = ("render", "moderate", "publish", "takedown")
+
+# Feature modules that add their own subcommands: each has `register(subparsers) -> None`.
+# Keep this list explicit (no entry-point magic) so `greetflow --help` is predictable.
+COMMAND_MODULES: tuple[str, ...] = (
+    "pipeline.moderation.cli",  # consent, likeness, verify, provenance, moderation
+    "pipeline.render.cli",  # template validate/list/preview, render, bench render
+    "pipeline.review.cli",  # review add-user, serve, escalate
+)
+
+
+def _worker_factory(name: str) -> Callable[[Any], Any]:
+    # The CLI is an entry point like the consumers themselves; it reaches them by name
+    # so that pipeline/ never imports consumers/ statically.
+    module = importlib.import_module(f"consumers.{name}")
+    return module.build  # type: ignore[no-any-return]
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from pipeline import devstack
+
+    settings = get_settings()
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    if args.action == "up":
+        if args.foreground:
+            devstack.run_foreground(settings, say)
+            return 0
+        st = devstack.up(settings, say)
+    elif args.action == "down":
+        st = devstack.down(settings, say)
+    else:
+        st = devstack.status(settings)
+    for line in st.render_lines():
+        print(line)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from consumers._run import run_until_signalled
+    from pipeline.bootstrap import Container
+
+    container = Container(get_settings())
+    worker = _worker_factory(args.role)(container)
+    return int(run_until_signalled(worker, container))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.bootstrap import Container
+    from pipeline.campaigns import load_brief
+
+    brief = load_brief(Path(args.brief))
+    container = Container(get_settings())
+    try:
+        result = container.campaigns().submit(brief)
+        print(
+            f"campaign {result.campaign_id}: {len(result.job_ids)} jobs, {result.created} new, "
+            f"{result.requested} render requests sent, {result.already_final} already final"
+        )
+        if args.wait:
+            records = container.campaigns().wait(result.job_ids, timeout_s=args.wait)
+            _print_jobs(records)
+    finally:
+        container.close()
+    return 0
+
+
+def _print_jobs(records: Sequence[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for col in ("job", "campaign", "recipient", "state", "url / reason"):
+        table.add_column(col, overflow="fold")
+    for r in records:
+        table.add_row(str(r.job_id), r.campaign_id, r.recipient_id, r.state.value, r.url or r.reason or "")
+    Console().print(table)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from pipeline.bootstrap import Container
+
+    container = Container(get_settings())
+    try:
+        _print_jobs(container.jobs.list_jobs(campaign_id=args.campaign, limit=args.limit))
+    finally:
+        container.close()
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from schemas.export import export
+
+    for path in export(Path(args.dir)):
+        print(path)
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from pipeline.adapters.db import Database
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    db.dispose()
+    print(f"database at head: {settings.resolved_database_url}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    if args.log_level is None:
+        # The demo draws its own progress; worker chatter would only interleave with it.
+        logging.getLogger().setLevel(logging.WARNING)
+    return run_demo(
+        get_settings(),
+        recipients=args.recipients,
+        out_dir=Path(args.out),
+        factories=[_worker_factory(w) for w in WORKERS],
+        timeout_s=args.timeout,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="greetflow",
+        description="Personalized greeting clips: render, moderate, label, publish.",
+    )
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="the embedded local stack (Kafka-compatible broker + S3 server)")
+    dev.add_argument("action", choices=["up", "status", "down"])
+    dev.add_argument("--foreground", action="store_true", help="with up: stay attached until Ctrl-C")
+    dev.set_defaults(func=cmd_dev)
+
+    worker = sub.add_parser("worker", help="run one consumer-group worker until SIGTERM")
+    worker.add_argument("role", choices=WORKERS)
+    worker.set_defaults(func=cmd_worker)
+
+    submit = sub.add_parser("submit", help="submit a campaign brief (YAML or JSON)")
+    submit.add_argument("brief")
+    submit.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait for final states")
+    submit.set_defaults(func=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="list jobs and their states")
+    jobs.add_argument("--campaign", default=None)
+    jobs.add_argument("--limit", type=int, default=200)
+    jobs.set_defaults(func=cmd_jobs)
+
+    schema = sub.add_parser("schema", help="contracts")
+    schema_sub = schema.add_subparsers(dest="schema_command", required=True)
+    export = schema_sub.add_parser("export", help="write the JSON Schemas of every contract to DIR")
+    export.add_argument("dir")
+    export.set_defaults(func=cmd_schema)
+
+    db = sub.add_parser("db", help="database")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    migrate = db_sub.add_parser("migrate", help="apply the Alembic migrations")
+    migrate.set_defaults(func=cmd_db)
+
+    demo = sub.add_parser("demo", help="run the sample Lunar New Year campaign end to end")
+    demo.add_argument("--recipients", type=int, default=5)
+    demo.add_argument("--out", default="demo-out")
+    demo.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS")
+    demo.set_defaults(func=cmd_demo)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except GreetflowError as exc:
+        logging.getLogger("greetflow").debug("error", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""The campaign-run steps against the real S3 server, broker and database, without
+Airflow: a CSV and a Parquet audience in the assets bucket are resolved into chunks,
+submitted, tracked and reported."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from pipeline.adapters.db import Database
+from pipeline.audience import AudienceError, iter_audience
+from pipeline.bootstrap import Container
+from pipeline.campaign_runs import CampaignRunService
+from pipeline.campaigns import BriefError
+from pipeline.settings import Settings
+from pipeline.topics import RENDER_REQUESTS
+from schemas.brief import CampaignBrief
+from schemas.jobs import JobState
+from tests.integration.pipeline_fixtures import consume_all
+
+pytestmark = pytest.mark.integration
+
+
+def write_brief(folder: Path, campaign_id: str, audience_key: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{campaign_id}.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "campaign_id": campaign_id,
+                "title": "中秋 Mid-Autumn",
+                "template": {"name": "mid-autumn", "version": "1"},
+                "default_locale": "zh-Hans-CN",
+                "audience_key": audience_key,
+            },
+            allow_unicode=True,
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+def parquet_bytes(n: int) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    table = pa.table({"id": [f"p-{i}" for i in range(n)], "name": [f"月{i}" for i in range(n)]})
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def test_csv_and_parquet_audiences_resolve_submit_track_and_report(
+    container: Container, tmp_path: Path
+) -> None:
+    s = container.settings.model_copy(update={"campaign_chunk_size": 4})
+    store = container.store
+    csv_rows = "id,name,locale\n" + "".join(f"c-{i},Name {i},{'en' if i % 2 else ''}\n" for i in range(10))
+    store.put_bytes(s.bucket_assets, "audiences/mid.csv", csv_rows.encode(), content_type="text/csv")
+    store.put_bytes(
+        s.bucket_assets, "audiences/mid.parquet", parquet_bytes(5), content_type="application/x-parquet"
+    )
+    svc = CampaignRunService(s, store, container.jobs, container.campaigns(), container.prewarm)
+
+    cases = (
+        ("mid-csv", "csv", "audiences/mid.csv", 10, 3),
+        ("mid-pq", "parquet", "audiences/mid.parquet", 5, 2),
+    )
+    for campaign_id, kind, key, n, chunks in cases:
+        brief_file = write_brief(tmp_path, campaign_id, key)
+        run = svc.start(brief_file, f"manual__{campaign_id}", expect_campaign_id=campaign_id)
+        assert run.audience == f"{kind}:{key}"
+        resolved = svc.resolve(run)
+        assert resolved.recipients == n and len(resolved.parts) == chunks
+        assert svc.prewarm(run, resolved.locales)["failed"] == {}
+        sent = [svc.submit_part(run, p.key) for p in resolved.parts]
+        assert sum(x["created"] for x in sent) == n and sum(x["requested"] for x in sent) == n
+
+        progress = svc.progress(run)
+        assert (progress.total, progress.unsettled, progress.counts) == (n, n, {"requested": n})
+        report, written = svc.report(run)
+        assert report.complete is False and report.counts["requested"] == n
+        data = json.loads(store.get_bytes(s.bucket_reports, written.json_key))
+        assert data["audience"] == {"source": run.audience, "recipients": n}
+
+        # A retried chunk creates nothing; its jobs are not final yet, so they are requested
+        # again (the render worker treats a repeated request as a no-op).
+        again = svc.submit_part(run, resolved.parts[0].key)
+        assert (again["created"], again["requested"]) == (0, 4)
+
+    messages = consume_all(s, RENDER_REQUESTS, expect=10 + 4 + 5 + 4)
+    assert len(messages) == 23 and len({m.key for m in messages}) == 15
+
+    jobs = container.jobs.list_jobs(campaign_id="mid-csv")
+    assert len(jobs) == 10 and {j.template_version for j in jobs} == {"1"}
+    assert {j.locale.value for j in jobs} == {"en", "zh-Hans-CN"}
+    assert {j.state for j in jobs} == {JobState.REQUESTED}
+
+
+def test_a_missing_audience_object_fails_validation(container: Container, tmp_path: Path) -> None:
+    svc = CampaignRunService.from_container(container)
+    with pytest.raises(AudienceError, match="not found"):
+        svc.start(write_brief(tmp_path, "mid-missing", "audiences/nope.csv"), "manual__x")
+
+
+def test_sql_audience_on_postgresql_streams_and_is_read_only(postgres_db: Database) -> None:
+    """A `.sql` audience against PostgreSQL: streamed in chunks, in a read-only transaction."""
+    schema = postgres_db.schema
+    with postgres_db.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE crm_customers (cid TEXT, full_name TEXT, lang TEXT)"))
+        conn.execute(
+            text(
+                "INSERT INTO crm_customers SELECT 'c-' || i, '客戶 ' || i, 'en' FROM generate_series(1, 9) i"
+            )
+        )
+        conn.execute(text("CREATE SEQUENCE crm_seq"))
+    url = postgres_db.url.update_query_dict({"options": f"-csearch_path={schema}"})
+    settings = Settings(audience_database_url=url.render_as_string(hide_password=False))
+    brief = CampaignBrief.model_validate(
+        {"campaign_id": "pg", "title": "PG", "template": {"name": "t"}, "audience_key": "q/a.sql"}
+    )
+
+    class Store:
+        def __init__(self, query: str) -> None:
+            self.query = query
+
+        def get_bytes(self, bucket: str, key: str) -> bytes:
+            return self.query.encode()
+
+    select = "SELECT cid AS id, full_name AS name, lang AS locale FROM crm_customers ORDER BY cid"
+    chunks = list(iter_audience(brief, store=Store(select), settings=settings, chunk_size=4))  # type: ignore[arg-type]
+    assert [len(c) for c in chunks] == [4, 4, 1]
+    assert chunks[0][0].name == "客戶 1"
+
+    # Passes the one-SELECT check but writes (nextval): the read-only transaction refuses it.
+    sneaky = "SELECT cid AS id, full_name AS name FROM crm_customers WHERE nextval('crm_seq') > 0"
+    with pytest.raises(DBAPIError, match="read-only transaction"):
+        list(iter_audience(brief, store=Store(sneaky), settings=settings))  # type: ignore[arg-type]
+    with postgres_db.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM crm_customers")).scalar() == 9
+
+
+def test_a_brief_for_an_unknown_template_fails_validation(container: Container, tmp_path: Path) -> None:
+    svc = CampaignRunService.from_container(container)
+    path = write_brief(tmp_path, "mid-unknown", "audiences/any.csv")
+    text = path.read_text(encoding="utf-8").replace("version: '1'", "version: '9'")
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(BriefError, match="no template mid-autumn@9"):
+        svc.start(path, "manual__y")

@@ -178,7 +178,8 @@ def test_takedown_worker_dead_letters_bad_input_and_carries_on(container: Contai
     req = approved_job(container, tmp_path, "r-1", "grandma")
     approve(container, req.job_id)
     # Same key as the revocation: one partition, so both bad records are behind us once the takedown is.
-    container.bus.send_raw(CONSENT_EVENTS, b'{"type": "consent.changed", "payload": {"nope": 1}}', key="grandma")
+    bad_envelope = b'{"type": "consent.changed", "payload": {"nope": 1}}'
+    container.bus.send_raw(CONSENT_EVENTS, bad_envelope, key="grandma")
     container.bus.send_raw(CONSENT_EVENTS, b"\x00 not json", key="grandma")
     rec = container.consent_service().revoke("grandma", recorded_by="test")
     grant_only = ConsentChanged(

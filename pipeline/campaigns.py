@@ -51,8 +51,9 @@ def check_template_fields(brief: CampaignBrief, audience: list[Recipient]) -> No
     from pipeline.settings import get_settings
 
     settings = get_settings()
-    problems = check_recipients(brief.template, audience, extra_dir=settings.templates_dir,
-                                font_dirs=tuple(settings.font_dirs))
+    problems = check_recipients(
+        brief.template, audience, extra_dir=settings.templates_dir, font_dirs=tuple(settings.font_dirs)
+    )
     if problems:
         ref = f"{brief.template.name}@{brief.template.version}"
         lines = [f"brief {brief.campaign_id} does not fit template {ref}:"]

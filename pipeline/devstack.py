@@ -291,8 +291,7 @@ def wait_for_broker(
             last = exc
         time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
     raise DevStackError(
-        f"the broker at {bootstrap} did not become healthy within {timeout:.1f} s "
-        f"(last error: {last!r})"
+        f"the broker at {bootstrap} did not become healthy within {timeout:.1f} s (last error: {last!r})"
     )
 
 
@@ -352,8 +351,7 @@ def wait_for_s3(
             last = exc
         time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
     raise DevStackError(
-        f"the S3 server at {url} did not become healthy within {timeout:.1f} s "
-        f"(last error: {last!r})"
+        f"the S3 server at {url} did not become healthy within {timeout:.1f} s (last error: {last!r})"
     )
 
 
@@ -388,9 +386,7 @@ def ensure_topics(
     """
     from kafka.errors import for_code
 
-    admin = _admin_client(
-        bootstrap or settings.kafka_bootstrap, settings.kafka_client_id, timeout_s
-    )
+    admin = _admin_client(bootstrap or settings.kafka_bootstrap, settings.kafka_client_id, timeout_s)
     try:
         existing = set(admin.list_topics())
         missing = [t for t in topics if t not in existing]
@@ -403,9 +399,7 @@ def ensure_topics(
             }
             for t in missing
         }
-        response = admin.create_topics(
-            request, timeout_ms=int(timeout_s * 1000), raise_errors=False
-        )
+        response = admin.create_topics(request, timeout_ms=int(timeout_s * 1000), raise_errors=False)
         created: list[str] = []
         failures: list[str] = []
         for item in response.get("topics", []):
@@ -739,9 +733,7 @@ def _bring_up(
     and DevStackError (or the KeyboardInterrupt) propagates.
     """
     if settings.dev_broker_port == settings.dev_s3_port:
-        raise DevStackError(
-            f"the broker and the S3 server cannot share port {settings.dev_broker_port}"
-        )
+        raise DevStackError(f"the broker and the S3 server cannot share port {settings.dev_broker_port}")
     for name in names:
         _check_port_free(settings.dev_host, _component_port(settings, name), name)
     argvs = {name: _argv(settings, name) for name in names}
@@ -1082,9 +1074,7 @@ def _stop_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def run_foreground(
-    settings: Settings, log: LogFn = _stderr_log, *, out: IO[str] | None = None
-) -> None:
+def run_foreground(settings: Settings, log: LogFn = _stderr_log, *, out: IO[str] | None = None) -> None:
     """Start the stack in-process, print the endpoints, block until SIGINT or SIGTERM
     (or until a child dies: DevStackError), then stop it.
 

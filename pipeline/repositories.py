@@ -416,9 +416,7 @@ class JobRepository:
             raise ValueError(f"illegal transition {expected} -> {to_state}")
         unknown = set(fields) - JOB_FIELDS
         if unknown:
-            raise TypeError(
-                f"transition() cannot set {sorted(unknown)}; allowed: {sorted(JOB_FIELDS)}"
-            )
+            raise TypeError(f"transition() cannot set {sorted(unknown)}; allowed: {sorted(JOB_FIELDS)}")
         key = _job_key(job_id)
         now = self._clock()
         conds = [JobRow.job_id == key, JobRow.state == expected.value]
@@ -436,10 +434,7 @@ class JobRepository:
             values["reason"] = reason
         with self._db.session() as s:
             result = s.execute(
-                update(JobRow)
-                .where(*conds)
-                .values(**values)
-                .execution_options(synchronize_session=False)
+                update(JobRow).where(*conds).values(**values).execution_options(synchronize_session=False)
             )
             if _rowcount(result) != 1:
                 return False
@@ -492,9 +487,7 @@ class JobRepository:
     def history(self, job_id: uuid.UUID | str) -> list[JobEvent]:
         with self._db.session() as s:
             rows = s.scalars(
-                select(JobEventRow)
-                .where(JobEventRow.job_id == _job_key(job_id))
-                .order_by(JobEventRow.id)
+                select(JobEventRow).where(JobEventRow.job_id == _job_key(job_id)).order_by(JobEventRow.id)
             )
             return [JobEvent._from_row(r) for r in rows]
 
@@ -790,9 +783,7 @@ class ConsentRepository:
 
     def list_subjects(self) -> list[str]:
         with self._db.session() as s:
-            return list(
-                s.scalars(select(ConsentRow.subject_id).distinct().order_by(ConsentRow.subject_id))
-            )
+            return list(s.scalars(select(ConsentRow.subject_id).distinct().order_by(ConsentRow.subject_id)))
 
 
 def _validate_consent(record: ConsentRecord) -> None:
@@ -1024,8 +1015,10 @@ class JobSubjectRepository:
         return added
 
     def jobs_using(self, subject_id: str, states: Iterable[JobState] | None = None) -> list[JobRecord]:
-        q = select(JobRow).join(JobSubjectRow, JobSubjectRow.job_id == JobRow.job_id).where(
-            JobSubjectRow.subject_id == subject_id
+        q = (
+            select(JobRow)
+            .join(JobSubjectRow, JobSubjectRow.job_id == JobRow.job_id)
+            .where(JobSubjectRow.subject_id == subject_id)
         )
         if states is not None:
             q = q.where(JobRow.state.in_([JobState(st).value for st in states]))

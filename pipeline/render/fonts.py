@@ -187,9 +187,7 @@ def font_dirs(extra_dirs: Sequence[Path | str] = ()) -> tuple[Path, ...]:
 def _installed_faces(dirs: tuple[Path, ...]) -> tuple[FontFace, ...]:
     faces: list[FontFace] = []
     for d in dirs:
-        files = sorted(
-            f for f in d.rglob("*") if f.suffix.lower() in FONT_SUFFIXES and f.is_file()
-        )
+        files = sorted(f for f in d.rglob("*") if f.suffix.lower() in FONT_SUFFIXES and f.is_file())
         for f in files:
             faces.extend(_faces_in_file(str(f)))
     return tuple(faces)
@@ -207,9 +205,7 @@ def _weight_rank(face: FontFace, weight: Weight) -> int:
     return 0 if style in {"regular", "book", "normal"} else 1 if not face.is_bold else 2
 
 
-def _candidates(
-    faces: Sequence[FontFace], locale: Locale, weight: Weight
-) -> list[FontFace]:
+def _candidates(faces: Sequence[FontFace], locale: Locale, weight: Weight) -> list[FontFace]:
     preferred = PREFERRED_FAMILIES.get(locale, ())
 
     def key(face: FontFace) -> tuple[int, int]:

@@ -75,9 +75,7 @@ def _clouds(width: int, height: int, rng: np.random.Generator, scale: float) -> 
     for octave, amp in ((4, 0.55), (9, 0.3), (19, 0.15)):
         gh, gw = max(2, int(octave * height / width * scale)), max(2, int(octave * scale))
         grid = rng.random((gh + 1, gw + 1)).astype(np.float32)
-        img = Image.fromarray((grid * 255).astype(np.uint8)).resize(
-            (width, height), Image.Resampling.BICUBIC
-        )
+        img = Image.fromarray((grid * 255).astype(np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
         out += np.asarray(img, np.float32) / 255.0 * amp
     return out
 

@@ -73,9 +73,7 @@ def run_ffmpeg(
     except OSError as exc:
         raise RenderError(f"cannot run ffmpeg ({cmd[0]}): {exc}") from exc
     if check and proc.returncode != 0:
-        raise RenderError(
-            f"ffmpeg exited with {proc.returncode}: {_short(cmd)}\n{_tail(proc.stderr)}"
-        )
+        raise RenderError(f"ffmpeg exited with {proc.returncode}: {_short(cmd)}\n{_tail(proc.stderr)}")
     return proc
 
 
@@ -246,8 +244,7 @@ def to_dbfs(x: float) -> float:
 def decode_audio(path: Path | str, *, sample_rate: int = 48_000) -> np.ndarray:
     """All audio as float32, shape (samples, channels), in [-1, 1] full scale."""
     proc = run_ffmpeg(
-        ["-i", path, "-vn", "-ac", "2", "-ar", str(sample_rate), "-f", "f32le",
-         "-acodec", "pcm_f32le", "-"],
+        ["-i", path, "-vn", "-ac", "2", "-ar", str(sample_rate), "-f", "f32le", "-acodec", "pcm_f32le", "-"],
         timeout=120,
     )
     samples = np.frombuffer(proc.stdout, dtype="<f4")

@@ -488,8 +488,13 @@ def draw_label(img: Image.Image, face: FontFace, *, x: int, y: int, size: int) -
     box = Box(x, y, x + int(right - left) + 2 * pad_x, y + int(bottom - top) + 2 * pad_y)
     overlay = Image.new("RGBA", img.size, (0, 0, 0, 0))
     d = ImageDraw.Draw(overlay)
-    d.rounded_rectangle(box.as_tuple(), radius=box.height // 2, fill=(30, 0, 4, 130),
-                        outline=(255, 230, 180, 150), width=max(1, size // 16))
+    d.rounded_rectangle(
+        box.as_tuple(),
+        radius=box.height // 2,
+        fill=(30, 0, 4, 130),
+        outline=(255, 230, 180, 150),
+        width=max(1, size // 16),
+    )
     d.text((x + pad_x - left, y + pad_y - top), AI_LABEL, font=font, fill=(255, 248, 235, 240))
     img.alpha_composite(overlay)
     return box
@@ -543,15 +548,16 @@ def lantern(width: int, string_len: int, char_face: FontFace | None, *, seed: in
     nx, ny = (xx - cx) / a, (yy - cy) / b
     d = np.sqrt(nx**2 + ny**2)
     # glow
-    g = np.exp(-(np.maximum(d - 0.75, 0) / 0.35) ** 2) * 0.45
+    g = np.exp(-((np.maximum(d - 0.75, 0) / 0.35) ** 2)) * 0.45
     premul += g[..., None] * np.array((255, 120, 40), np.float32)
     alpha += g
     # body: radial shading, ribs, soft edge
     inside = 1.0 - _smoothstep(0.985, 1.0, d)
     shade = np.clip(d, 0, 1) ** 1.6
-    col = np.array((255, 96, 52), np.float32) * (1 - shade[..., None]) + np.array(
-        (150, 8, 18), np.float32
-    ) * shade[..., None]
+    col = (
+        np.array((255, 96, 52), np.float32) * (1 - shade[..., None])
+        + np.array((150, 8, 18), np.float32) * shade[..., None]
+    )
     half_w = np.sqrt(np.clip(1.0 - ny**2, 0.0, 1.0))
     ribs = np.zeros_like(d)
     for k in (-0.66, -0.33, 0.0, 0.33, 0.66):
@@ -567,12 +573,21 @@ def lantern(width: int, string_len: int, char_face: FontFace | None, *, seed: in
     lw = max(2, round(w * 0.025))
     dr.line([(cx, 0), (cx, body_top)], fill=deep, width=lw)
     cap_w = round(w * 0.46)
-    dr.rounded_rectangle([cx - cap_w / 2, body_top - cap_h - round(w * 0.02), cx + cap_w / 2,
-                          body_top + round(w * 0.04)], radius=cap_h // 3, fill=gold, outline=deep,
-                         width=lw // 2)
+    dr.rounded_rectangle(
+        [cx - cap_w / 2, body_top - cap_h - round(w * 0.02), cx + cap_w / 2, body_top + round(w * 0.04)],
+        radius=cap_h // 3,
+        fill=gold,
+        outline=deep,
+        width=lw // 2,
+    )
     body_bot = body_top + body_h
-    dr.rounded_rectangle([cx - cap_w / 2, body_bot - round(w * 0.04), cx + cap_w / 2,
-                          body_bot + cap_h], radius=cap_h // 3, fill=gold, outline=deep, width=lw // 2)
+    dr.rounded_rectangle(
+        [cx - cap_w / 2, body_bot - round(w * 0.04), cx + cap_w / 2, body_bot + cap_h],
+        radius=cap_h // 3,
+        fill=gold,
+        outline=deep,
+        width=lw // 2,
+    )
     knot = round(w * 0.06)
     ky = body_bot + cap_h + knot
     dr.ellipse([cx - knot, ky - knot, cx + knot, ky + knot], fill=gold)
@@ -580,8 +595,7 @@ def lantern(width: int, string_len: int, char_face: FontFace | None, *, seed: in
     for i in range(9):
         tx = cx + (i - 4) * w * 0.022
         length = tassel_h * float(rng.uniform(0.75, 0.95))
-        dr.line([(cx + (i - 4) * knot * 0.2, ky), (tx, ky + length)], fill=gold,
-                width=max(2, lw // 2))
+        dr.line([(cx + (i - 4) * knot * 0.2, ky), (tx, ky + length)], fill=gold, width=max(2, lw // 2))
     if char_face is not None:
         require_glyphs(char_face, LANTERN_CHAR)
         font = load_font(char_face, round(body_h * 0.42))
@@ -643,12 +657,23 @@ def text_layer(
     greet_face = find_font_face("".join(greet), locale, weight="bold", extra_dirs=font_dirs)
 
     # leave room for the stroke and the glow at the sides
-    name_fit = fit_text(line, name_face, max_width=area.width - round(16 * scale),
-                        max_height=round(420 * scale),
-                        max_size=round(150 * scale), min_size=round(72 * scale))
-    greet_fit = fit_text(greet, greet_face, max_width=round(area.width * 0.92),
-                         max_height=round(420 * scale), max_size=round(118 * scale),
-                         min_size=round(40 * scale), leading=1.3)
+    name_fit = fit_text(
+        line,
+        name_face,
+        max_width=area.width - round(16 * scale),
+        max_height=round(420 * scale),
+        max_size=round(150 * scale),
+        min_size=round(72 * scale),
+    )
+    greet_fit = fit_text(
+        greet,
+        greet_face,
+        max_width=round(area.width * 0.92),
+        max_height=round(420 * scale),
+        max_size=round(118 * scale),
+        min_size=round(40 * scale),
+        leading=1.3,
+    )
     gap = round(66 * scale)
     div_h = max(8, round(30 * scale))
     block_h = name_fit.height + gap + div_h + gap + greet_fit.height
@@ -659,23 +684,36 @@ def text_layer(
 
     layer = Image.new("RGBA", (width, height), (0, 0, 0, 0))
     cx = width // 2
-    name_box = draw_text_block(layer, name_fit, name_face, center_x=cx, top=top - name_fit.ink_top,
-                               fill=(GOLD_LIGHT, GOLD, GOLD_DEEP), stroke=(110, 40, 6),
-                               glow=(255, 170, 60), scale=scale)
+    name_box = draw_text_block(
+        layer,
+        name_fit,
+        name_face,
+        center_x=cx,
+        top=top - name_fit.ink_top,
+        fill=(GOLD_LIGHT, GOLD, GOLD_DEEP),
+        stroke=(110, 40, 6),
+        glow=(255, 170, 60),
+        scale=scale,
+    )
     div_y = name_box.y1 + gap
     div_w = min(area.width, round(560 * scale))
     layer.alpha_composite(divider(div_w, scale), (cx - div_w // 2, div_y))
-    greet_box = draw_text_block(layer, greet_fit, greet_face, center_x=cx,
-                                top=div_y + div_h + gap - greet_fit.ink_top, fill=(CREAM,),
-                                scale=scale)
+    greet_box = draw_text_block(
+        layer,
+        greet_fit,
+        greet_face,
+        center_x=cx,
+        top=div_y + div_h + gap - greet_fit.ink_top,
+        fill=(CREAM,),
+        scale=scale,
+    )
     bbox = layer.getbbox()
     if bbox is None:
         raise RenderError("text layer is empty")
     # even offsets: overlay on yuv420 positions the layer on even pixels
     x0, y0 = bbox[0] // 2 * 2, bbox[1] // 2 * 2
     x1, y1 = min(width, bbox[2] + 1), min(height, bbox[3] + 1)
-    return TextLayer(layer.crop((x0, y0, x1, y1)), x0, y0, name_box, greet_box,
-                     name_fit.size, name_fit.lines)
+    return TextLayer(layer.crop((x0, y0, x1, y1)), x0, y0, name_box, greet_box, name_fit.size, name_fit.lines)
 
 
 # --------------------------------------------------------------------------- music
@@ -723,8 +761,12 @@ def music_bed(
     step = 60.0 / tempo_bpm / 2  # eighth notes
     scale = [root_midi + 12 * o + d for o in (0, 1) for d in PENTATONIC] + [root_midi + 24]
     # chord-ish arpeggio shapes (indices into `scale`), one per bar of 8 steps
-    shapes = ([0, 2, 3, 5, 7, 5, 3, 2], [4, 5, 7, 9, 8, 7, 5, 4], [1, 3, 4, 6, 8, 6, 4, 3],
-              [2, 3, 5, 7, 10, 7, 6, 5])
+    shapes = (
+        [0, 2, 3, 5, 7, 5, 3, 2],
+        [4, 5, 7, 9, 8, 7, 5, 4],
+        [1, 3, 4, 6, 8, 6, 4, 3],
+        [2, 3, 5, 7, 10, 7, 6, 5],
+    )
     bass = (root_midi - 24, root_midi - 27, root_midi - 19, root_midi - 17)  # I vi IV V
     steps = math.ceil(duration_s / step)
 
@@ -785,10 +827,30 @@ def x264_args(fps: int, threads: int = 0) -> list[str]:
     """Encoder settings shared by every segment (identical settings let the concat
     demuxer join segments with stream copy; fixed GOP, no scene-cut keyframes)."""
     args = [
-        "-c:v", "libx264", "-preset", "veryfast", "-profile:v", "high", "-pix_fmt", "yuv420p",
-        "-crf", "20", "-g", str(fps * 2), "-keyint_min", str(fps), "-sc_threshold", "0",
-        "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709",
-        "-color_range", "tv",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-profile:v",
+        "high",
+        "-pix_fmt",
+        "yuv420p",
+        "-crf",
+        "20",
+        "-g",
+        str(fps * 2),
+        "-keyint_min",
+        str(fps),
+        "-sc_threshold",
+        "0",
+        "-colorspace",
+        "bt709",
+        "-color_primaries",
+        "bt709",
+        "-color_trc",
+        "bt709",
+        "-color_range",
+        "tv",
     ]
     if threads > 0:
         args += ["-threads", str(threads)]
@@ -804,15 +866,27 @@ def _write_raw(path: Path, rgba_or_rgb: np.ndarray) -> Path:
 
 
 def _raw_input(path: Path, width: int, height: int, pix_fmt: str, fps: int) -> list[str]:
-    return ["-f", "rawvideo", "-pix_fmt", pix_fmt, "-s", f"{width}x{height}",
-            "-framerate", str(fps), "-i", str(path)]
+    return [
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        pix_fmt,
+        "-s",
+        f"{width}x{height}",
+        "-framerate",
+        str(fps),
+        "-i",
+        str(path),
+    ]
 
 
 def _still(label: str, idx: int, fps: int, alpha: bool) -> str:
     """Filter chain: convert one still to yuv once (bt709), then repeat it forever."""
     fmt = "yuva420p" if alpha else "yuv420p"
-    return (f"[{idx}:v]scale=out_color_matrix=bt709:out_range=tv,format={fmt},"
-            f"loop=loop=-1:size=1:start=0,setpts=N/({fps}*TB)[{label}]")
+    return (
+        f"[{idx}:v]scale=out_color_matrix=bt709:out_range=tv,format={fmt},"
+        f"loop=loop=-1:size=1:start=0,setpts=N/({fps}*TB)[{label}]"
+    )
 
 
 def paste_portrait(canvas: Image.Image, photo: Path, area: Box) -> None:
@@ -895,11 +969,26 @@ def render_greeting(
         paste_portrait(bg, photo, area)
 
     far_speed, near_speed = 22 * scale, 54 * scale
-    far = bokeh(width, height + math.ceil(far_speed * duration_s) + 2, count=int(90 * scale**2 + 10),
-                radius=(4 * scale, 15 * scale), opacity=(0.25, 0.7), softness=0.35, seed=seed + 1)
-    near = bokeh(width, height + math.ceil(near_speed * duration_s) + 2, count=16,
-                 radius=(48 * scale, 120 * scale), opacity=(0.08, 0.16), softness=0.3, rim=0.4,
-                 colors=WARM_BOKEH_COLORS, seed=seed + 2)
+    far = bokeh(
+        width,
+        height + math.ceil(far_speed * duration_s) + 2,
+        count=int(90 * scale**2 + 10),
+        radius=(4 * scale, 15 * scale),
+        opacity=(0.25, 0.7),
+        softness=0.35,
+        seed=seed + 1,
+    )
+    near = bokeh(
+        width,
+        height + math.ceil(near_speed * duration_s) + 2,
+        count=16,
+        radius=(48 * scale, 120 * scale),
+        opacity=(0.08, 0.16),
+        softness=0.3,
+        rim=0.4,
+        colors=WARM_BOKEH_COLORS,
+        seed=seed + 2,
+    )
     lanterns, lan_x = lantern_cluster(width, height, char_face)
     bob = max(2, round(7 * scale))
     lan_x -= lan_x % 2
@@ -911,40 +1000,60 @@ def render_greeting(
         inputs += _raw_input(_write_raw(tmp / "bg.rgb", bg_rgb), width, height, "rgb24", fps)
         inputs += _raw_input(_write_raw(tmp / "far.rgba", far), width, far.shape[0], "rgba", fps)
         inputs += _raw_input(_write_raw(tmp / "near.rgba", near), width, near.shape[0], "rgba", fps)
-        inputs += _raw_input(_write_raw(tmp / "lanterns.rgba", np.asarray(lanterns)),
-                             lanterns.width, lanterns.height, "rgba", fps)
-        inputs += _raw_input(_write_raw(tmp / "text.rgba", np.asarray(text.image)),
-                             text.image.width, text.image.height, "rgba", fps)
+        inputs += _raw_input(
+            _write_raw(tmp / "lanterns.rgba", np.asarray(lanterns)),
+            lanterns.width,
+            lanterns.height,
+            "rgba",
+            fps,
+        )
+        inputs += _raw_input(
+            _write_raw(tmp / "text.rgba", np.asarray(text.image)),
+            text.image.width,
+            text.image.height,
+            "rgba",
+            fps,
+        )
         wav = write_wav(tmp / "music.wav", music_bed(duration_s, seed=seed))
         inputs += ["-i", str(wav)]
 
         slide = round(36 * scale)
-        graph = ";".join([
-            _still("bg", 0, fps, alpha=False),
-            _still("far", 1, fps, alpha=True),
-            _still("near", 2, fps, alpha=True),
-            _still("lan", 3, fps, alpha=True),
-            _still("txt0", 4, fps, alpha=True),
-            "[txt0]fade=t=in:st=0.25:d=0.9:alpha=1[txt]",
-            f"[bg][far]overlay=x=0:y='-t*{far_speed:.3f}':format=yuv420[v1]",
-            f"[v1][lan]overlay=x={lan_x}:y='-{bob + 2}+{bob}*sin(2*PI*t/3.2)':format=yuv420[v2]",
-            f"[v2][txt]overlay=x={text.x}:y='{text.y}+{slide}*pow(max(0,1-t/1.3),2)'"
-            ":format=yuv420[v3]",
-            f"[v3][near]overlay=x=0:y='-t*{near_speed:.3f}':format=yuv420[v]",
-        ])
+        graph = ";".join(
+            [
+                _still("bg", 0, fps, alpha=False),
+                _still("far", 1, fps, alpha=True),
+                _still("near", 2, fps, alpha=True),
+                _still("lan", 3, fps, alpha=True),
+                _still("txt0", 4, fps, alpha=True),
+                "[txt0]fade=t=in:st=0.25:d=0.9:alpha=1[txt]",
+                f"[bg][far]overlay=x=0:y='-t*{far_speed:.3f}':format=yuv420[v1]",
+                f"[v1][lan]overlay=x={lan_x}:y='-{bob + 2}+{bob}*sin(2*PI*t/3.2)':format=yuv420[v2]",
+                f"[v2][txt]overlay=x={text.x}:y='{text.y}+{slide}*pow(max(0,1-t/1.3),2)':format=yuv420[v3]",
+                f"[v3][near]overlay=x=0:y='-t*{near_speed:.3f}':format=yuv420[v]",
+            ]
+        )
         tmp_mp4 = tmp / "out.mp4"
         run_ffmpeg(
             [
                 "-y",
                 *(["-filter_complex_threads", str(threads)] if threads > 0 else []),
                 *inputs,
-                "-filter_complex", graph,
-                "-map", "[v]", "-map", "5:a",
-                "-frames:v", str(frames), "-r", str(fps),
+                "-filter_complex",
+                graph,
+                "-map",
+                "[v]",
+                "-map",
+                "5:a",
+                "-frames:v",
+                str(frames),
+                "-r",
+                str(fps),
                 *x264_args(fps, threads),
                 *AAC_ARGS,
-                "-t", f"{duration_s:.3f}",
-                "-movflags", "+faststart",
+                "-t",
+                f"{duration_s:.3f}",
+                "-movflags",
+                "+faststart",
                 str(tmp_mp4),
             ],
             timeout=timeout_s,
@@ -960,8 +1069,7 @@ def render_greeting(
     try:
         poster_t = f"{min(3.0, duration_s * 0.6):.3f}"
         run_ffmpeg(
-            ["-y", "-ss", poster_t, "-i", video, "-frames:v", "1", "-q:v", "3", "-update", "1",
-             tmp_poster],
+            ["-y", "-ss", poster_t, "-i", video, "-frames:v", "1", "-q:v", "3", "-update", "1", tmp_poster],
             timeout=60,
         )
         os.replace(tmp_poster, poster)

@@ -90,9 +90,7 @@ def test_postgres_schema_isolation(postgres_db: Database) -> None:
     assert db.url.drivername == "postgresql+psycopg"
     with db.engine.connect() as conn:
         assert conn.execute(text("SELECT current_schema()")).scalar() == db.schema
-        version_table = conn.execute(
-            text("SELECT to_regclass(current_schema() || '.alembic_version')")
-        )
+        version_table = conn.execute(text("SELECT to_regclass(current_schema() || '.alembic_version')"))
         assert version_table.scalar() is not None
         assert conn.execute(text("SELECT to_regclass('public.jobs')")).scalar() is None
 
@@ -257,9 +255,7 @@ def test_claim_race_exactly_one_wins(db: Database) -> None:
 def test_claim_returns_lease(db: Database) -> None:
     clock = FakeClock()
     jobs, job_id = new_job(db, clock=clock)
-    rec = jobs.claim(
-        job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w1", lease_s=30
-    )
+    rec = jobs.claim(job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w1", lease_s=30)
     assert rec is not None
     assert rec.state == S.RENDERING
     assert rec.lease_expires_at == T0 + timedelta(seconds=30)
@@ -270,21 +266,14 @@ def test_claim_returns_lease(db: Database) -> None:
 def test_expired_lease_can_be_reclaimed_unexpired_cannot(db: Database) -> None:
     clock = FakeClock()
     jobs, job_id = new_job(db, clock=clock)
-    first = jobs.claim(
-        job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w1", lease_s=30
-    )
+    first = jobs.claim(job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w1", lease_s=30)
     assert first is not None
 
     clock.advance(29)
-    assert (
-        jobs.claim(job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w2", lease_s=30)
-        is None
-    )
+    assert jobs.claim(job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w2", lease_s=30) is None
 
     clock.advance(2)  # lease expired: w1 is presumed dead
-    second = jobs.claim(
-        job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w2", lease_s=30
-    )
+    second = jobs.claim(job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w2", lease_s=30)
     assert second is not None
     assert second.claim_token != first.claim_token
     assert second.claimed_by == "w2"
@@ -308,27 +297,18 @@ def test_expired_lease_can_be_reclaimed_unexpired_cannot(db: Database) -> None:
 
 def test_expired_lease_reclaimed_with_real_clock(db: Database) -> None:
     jobs, job_id = new_job(db)
-    assert jobs.claim(
-        job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w1", lease_s=0.05
-    )
+    assert jobs.claim(job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w1", lease_s=0.05)
     import time
 
     time.sleep(0.1)
-    assert jobs.claim(
-        job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w2", lease_s=60
-    )
+    assert jobs.claim(job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w2", lease_s=60)
 
 
 def test_claim_wrong_state_or_unknown_job(db: Database) -> None:
     jobs, job_id = new_job(db)
+    assert jobs.claim(job_id, to_state=S.MODERATING, from_states=[S.RENDERED], owner="m", lease_s=30) is None
     assert (
-        jobs.claim(job_id, to_state=S.MODERATING, from_states=[S.RENDERED], owner="m", lease_s=30)
-        is None
-    )
-    assert (
-        jobs.claim(
-            uuid.uuid4(), to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w", lease_s=30
-        )
+        jobs.claim(uuid.uuid4(), to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w", lease_s=30)
         is None
     )
 
@@ -351,17 +331,13 @@ def test_claim_illegal_transition_raises(db: Database) -> None:
 
 def test_transition_cas(db: Database) -> None:
     jobs, job_id = new_job(db)
-    claimed = jobs.claim(
-        job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w1", lease_s=60
-    )
+    claimed = jobs.claim(job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w1", lease_s=60)
     assert claimed is not None
 
     # wrong expected state loses
     assert not jobs.transition(job_id, to_state=S.MODERATING, expected=S.RENDERED)
     # wrong claim token loses
-    assert not jobs.transition(
-        job_id, to_state=S.RENDERED, expected=S.RENDERING, claim_token="0" * 32
-    )
+    assert not jobs.transition(job_id, to_state=S.RENDERED, expected=S.RENDERING, claim_token="0" * 32)
     rec = jobs.get(job_id)
     assert rec is not None and rec.state == S.RENDERING
 
@@ -413,9 +389,7 @@ def test_transition_race_exactly_one_wins(db: Database) -> None:
         dst = S.APPROVED if i % 2 else S.REJECTED
         try:
             barrier.wait()
-            results.append(
-                (dst, jobs.transition(job_id, to_state=dst, expected=S.MODERATING, actor=f"m{i}"))
-            )
+            results.append((dst, jobs.transition(job_id, to_state=dst, expected=S.MODERATING, actor=f"m{i}")))
         except BaseException as exc:
             errors.append(exc)
 
@@ -443,9 +417,7 @@ def test_full_lifecycle_history(db: Database) -> None:
         (S.APPROVED, S.PUBLISHING),
     ]
     for src, dst in steps:
-        assert jobs.transition(
-            job_id, to_state=dst, expected=src, actor="tester", reason=f"to {dst}"
-        )
+        assert jobs.transition(job_id, to_state=dst, expected=src, actor="tester", reason=f"to {dst}")
     assert jobs.transition(
         job_id,
         to_state=S.PUBLISHED,
@@ -453,9 +425,7 @@ def test_full_lifecycle_history(db: Database) -> None:
         published_key="distribution/lny-2026/r-0001/x.mp4",
         url="https://cdn.example/lny-2026/r-0001/x.mp4",
     )
-    assert jobs.transition(
-        job_id, to_state=S.TAKEN_DOWN, expected=S.PUBLISHED, reason="consent revoked"
-    )
+    assert jobs.transition(job_id, to_state=S.TAKEN_DOWN, expected=S.PUBLISHED, reason="consent revoked")
     rec = jobs.get(job_id)
     assert rec is not None
     assert rec.state == S.TAKEN_DOWN
@@ -476,9 +446,7 @@ def test_full_lifecycle_history(db: Database) -> None:
 
 def test_fail(db: Database) -> None:
     jobs, job_id = new_job(db)
-    claimed = jobs.claim(
-        job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w1", lease_s=60
-    )
+    claimed = jobs.claim(job_id, to_state=S.RENDERING, from_states=[S.REQUESTED], owner="w1", lease_s=60)
     assert claimed is not None
     assert jobs.fail(job_id, "ffmpeg exited 1", actor="w1")
     rec = jobs.get(job_id)
@@ -640,9 +608,7 @@ def test_consent_revoke_specific_grant(db: Database) -> None:
     repo.append(g_new)
     repo.append(revoke(scopes={FACE}, at=T0 + hours(2), supersedes=g_new.record_id))
     # Only the named grant ends; the other still covers.
-    assert [g.record_id for g in repo.effective_grants("grandma", T0 + hours(3))] == [
-        g_old.record_id
-    ]
+    assert [g.record_id for g in repo.effective_grants("grandma", T0 + hours(3))] == [g_old.record_id]
     # Before the revocation both were in force.
     assert len(repo.effective_grants("grandma", T0 + hours(1.5))) == 2
 
@@ -674,9 +640,7 @@ def test_consent_regrant_supersedes_old_grant(db: Database) -> None:
     repo = ConsentRepository(db)
     old = grant(scopes={FACE, VOICE}, purpose="*", at=T0)
     repo.append(old)
-    repo.append(
-        grant(scopes={FACE}, purpose="greeting", at=T0 + hours(1), supersedes=old.record_id)
-    )
+    repo.append(grant(scopes={FACE}, purpose="greeting", at=T0 + hours(1), supersedes=old.record_id))
     at = T0 + hours(2)
     assert repo.covers("grandma", [FACE], "greeting", at)
     assert not repo.covers("grandma", [VOICE], "greeting", at)
@@ -757,9 +721,7 @@ def test_published_clips_record_race(db: Database) -> None:
     def worker() -> None:
         try:
             barrier.wait()
-            results.append(
-                clips.record(job_id, "distribution/r.mp4", "https://cdn.example/r.mp4", "d" * 64)
-            )
+            results.append(clips.record(job_id, "distribution/r.mp4", "https://cdn.example/r.mp4", "d" * 64))
         except BaseException as exc:
             errors.append(exc)
 

@@ -113,9 +113,7 @@ def test_topics_exist(stack: tuple[DevStack, Settings]) -> None:
     admin = KafkaAdminClient(bootstrap_servers=running.bootstrap, request_timeout_ms=10_000)
     try:
         assert set(ALL_TOPICS) <= set(admin.list_topics())
-        described = {
-            t["name"]: len(t["partitions"]) for t in admin.describe_topics(list(ALL_TOPICS))
-        }
+        described = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(list(ALL_TOPICS))}
     finally:
         admin.close()
     assert described[RENDER_REQUESTS] == settings.topic_partitions
@@ -239,9 +237,7 @@ def test_port_in_use_fails_fast(tmp_path: Path, component: str) -> None:
     assert live_children() <= before
 
 
-def test_child_that_exits_early_is_reported(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_child_that_exits_early_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = tmp_path / "fake-tansu"
     fake.write_text("#!/bin/sh\necho 'fake broker: something is badly wrong' >&2\nexit 3\n")
     fake.chmod(0o755)

@@ -43,9 +43,7 @@ def test_duplicate_render_request_gives_one_job_and_one_published_object(
         return built[-1]
 
     # Both deliveries are handled, the second as a no-op.
-    run_workers(
-        container, [render_worker, *ALL[1:]], lambda: published() and built[0].stats.processed == 2
-    )
+    run_workers(container, [render_worker, *ALL[1:]], lambda: published() and built[0].stats.processed == 2)
 
     jobs = container.jobs.list_jobs(campaign_id=brief.campaign_id)
     assert [j.job_id for j in jobs] == [req.job_id]

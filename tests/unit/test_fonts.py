@@ -35,9 +35,7 @@ def _mask(font: ImageFont.FreeTypeFont, ch: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("locale", "text", "families"), SAMPLES)
-def test_chosen_font_has_every_glyph(
-    locale: Locale, text: str, families: tuple[str, ...] | None
-) -> None:
+def test_chosen_font_has_every_glyph(locale: Locale, text: str, families: tuple[str, ...] | None) -> None:
     face = find_font_face(text, locale)
     assert face.path.is_file()
     assert find_font(text, locale) == face.path
@@ -58,8 +56,7 @@ def test_chosen_font_has_every_glyph(
 
 
 def test_cjk_locales_pick_the_regional_face_of_the_collection() -> None:
-    faces = {loc: find_font_face("新年", loc) for loc in (Locale.ZH_HANT_HK, Locale.ZH_HANS_CN,
-                                                           Locale.JA)}
+    faces = {loc: find_font_face("新年", loc) for loc in (Locale.ZH_HANT_HK, Locale.ZH_HANS_CN, Locale.JA)}
     assert faces[Locale.ZH_HANT_HK].family.endswith(("HK", "TC"))
     assert faces[Locale.ZH_HANS_CN].family.endswith("SC")
     assert faces[Locale.JA].family.endswith("JP")
@@ -87,9 +84,7 @@ def test_missing_glyphs_lists_distinct_missing_characters_in_order() -> None:
     assert missing_glyphs(face.path, "a\ue001b\ue000\ue001\n", face.index) == ["\ue001", "\ue000"]
 
 
-def test_no_cjk_font_installed_says_how_to_get_one(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_no_cjk_font_installed_says_how_to_get_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(fonts, "DEFAULT_FONT_DIRS", ())
     with pytest.raises(FontNotFoundError) as exc:
         find_font_face("恭喜發財", Locale.ZH_HANT_HK, extra_dirs=[tmp_path])

@@ -61,6 +61,7 @@ def test_voice_line_parts_and_caption_cues() -> None:
 
 def test_loudness_meter_matches_pyloudnorm() -> None:
     import pyloudnorm
+
     bed = A.bed_with_effects(get_template("lunar-new-year").template.audio, 9.0)
     for gain in (0.3, 1.0, 2.5):
         x = bed * gain

@@ -120,9 +120,7 @@ def test_frame_shows_gold_name_over_a_festive_background(
     assert r > 1.8 * g and r > 1.8 * b
 
 
-def test_ai_label_is_visible_from_the_first_frame(
-    clips: dict[str, RenderOutput], tmp_path: Path
-) -> None:
+def test_ai_label_is_visible_from_the_first_frame(clips: dict[str, RenderOutput], tmp_path: Path) -> None:
     frame = _frame(clips["zh"].video_path, 0.0, tmp_path)
     area = safe_area(1080, 1920)
     label = frame[area.y0 : area.y0 + 90, area.x0 : area.x0 + 420]
@@ -213,8 +211,9 @@ def test_fit_text_wraps_and_refuses_what_cannot_fit() -> None:
     face = find_font_face("To Alexandra Papadopoulou", Locale.EN)
     one = fit_text("To Bob", face, max_width=900, max_height=400, max_size=150, min_size=70)
     assert one.lines == ("To Bob",) and one.size == 150
-    two = fit_text("To Alexandra Papadopoulou", face, max_width=900, max_height=400,
-                   max_size=150, min_size=70)
+    two = fit_text(
+        "To Alexandra Papadopoulou", face, max_width=900, max_height=400, max_size=150, min_size=70
+    )
     assert two.lines == ("To Alexandra", "Papadopoulou")
     with pytest.raises(RenderError):
         fit_text("W" * 40, face, max_width=100, max_height=50, max_size=150, min_size=70)
@@ -223,7 +222,9 @@ def test_fit_text_wraps_and_refuses_what_cannot_fit() -> None:
 def test_split_two_balances_lines() -> None:
     assert split_two("給 歐陽諸葛司馬") == ("給 歐陽", "諸葛司馬")
     assert split_two("To Maximilian Alexander von Hohenstein") == (
-        "To Maximilian Alexander", "von Hohenstein")
+        "To Maximilian Alexander",
+        "von Hohenstein",
+    )
 
 
 def test_greetings_per_locale() -> None:

@@ -18,6 +18,7 @@ from pipeline.adapters.kafka import ConsumerWorker
 from pipeline.bootstrap import Container
 from pipeline.campaigns import sample_brief
 from pipeline.devstack import DevStack
+from pipeline.keys import sidecar_of
 from pipeline.settings import Settings
 from schemas.jobs import FINAL_STATES, WAITING_FOR_HUMAN, JobState
 
@@ -107,10 +108,15 @@ def run_demo(
                 dest = out_dir / f"{r.id}.mp4"
                 container.store.get_file(settings.bucket_distribution, job.published_key, dest)
                 downloaded.append(dest)
+                vtt = sidecar_of(job.published_key, "vtt")
+                if container.store.exists(settings.bucket_distribution, vtt):
+                    container.store.get_file(settings.bucket_distribution, vtt, dest.with_suffix(".vtt"))
         console.print(table)
         container.close()
     elapsed = time.monotonic() - t0
-    console.print(f"downloaded {len(downloaded)} clips to {out_dir.resolve()} in {elapsed:.1f} s")
+    console.print(
+        f"downloaded {len(downloaded)} clips and their captions to {out_dir.resolve()} in {elapsed:.1f} s"
+    )
     published = sum(1 for r in records if r.state == JobState.PUBLISHED)
     if published != len(brief.recipients):
         console.print(f"[red]{len(brief.recipients) - published} jobs did not publish[/]")

@@ -13,3 +13,15 @@ def clip_key(campaign_id: str, recipient_id: str, job_id: uuid.UUID, ext: str = 
 
 def poster_key(campaign_id: str, recipient_id: str, job_id: uuid.UUID) -> str:
     return clip_key(campaign_id, recipient_id, job_id, "jpg")
+
+
+def captions_key(campaign_id: str, recipient_id: str, job_id: uuid.UUID) -> str:
+    return clip_key(campaign_id, recipient_id, job_id, "vtt")
+
+
+def sidecar_of(clip_object_key: str, ext: str) -> str:
+    """The key of a clip's sidecar (`.vtt`) next to the clip's own key."""
+    stem, dot, _ = clip_object_key.rpartition(".")
+    if not dot:
+        raise ValueError(f"not a clip key: {clip_object_key!r}")
+    return validate_key(f"{stem}.{ext}")

@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from pipeline.adapters.storage import ObjectStore, sha256_file
-from pipeline.keys import clip_key
+from pipeline.keys import captions_key, clip_key, sidecar_of
 from pipeline.moderation.consent import consent_findings
 from pipeline.ports import EventPublisher
 from pipeline.provenance import GenerationInfo, SigningMaterial, label_and_sign
@@ -114,6 +114,7 @@ class TakedownService:
         if key is None:
             raise RuntimeError(f"takedown {job_id}: published job without an object key")
         self.store.remove(self.settings.bucket_distribution, key)
+        self.store.remove(self.settings.bucket_distribution, sidecar_of(key, "vtt"))
         self.published.mark_taken_down(job_id, reason)
         self.events.publish(
             CLIPS_TAKEN_DOWN,
@@ -226,6 +227,10 @@ class PublishService:
         # Index the subjects BEFORE the object is public: a revocation must find it.
         self.subjects.index(job_id, req.subjects)
         bucket = self.settings.bucket_distribution
+        # The captions sidecar goes out before the clip, so a published clip always has it.
+        vtt = captions_key(req.campaign_id, req.recipient.id, req.job_id)
+        if self.store.exists(self.settings.bucket_staging, vtt):
+            self.store.copy(self.settings.bucket_staging, vtt, bucket, vtt)
         record = self.published.get(job_id)
         live = self.store.stat(bucket, key)
         if record is not None and live is not None and live.metadata.get("sha256") == record.sha256:
@@ -296,6 +301,10 @@ class PublishService:
         clip = self.published.get(job.job_id)
         if clip is None or job.url is None:
             raise RuntimeError(f"publish {job.job_id}: published state without a clip record")
+        vtt = sidecar_of(clip.object_key, "vtt")
+        captions_url = (
+            self.store.public_url(vtt) if self.store.exists(self.settings.bucket_distribution, vtt) else None
+        )
         self.events.publish(
             CLIPS_PUBLISHED,
             ClipPublished(
@@ -305,6 +314,7 @@ class PublishService:
                 object_key=clip.object_key,
                 url=clip.url,  # type: ignore[arg-type,unused-ignore]
                 sha256=clip.sha256,
+                captions_url=captions_url,  # type: ignore[arg-type,unused-ignore]
             ),
             key=str(job.job_id),
             trace_id=trace_id,

@@ -90,6 +90,7 @@ class ClipPublished(_Payload):
     object_key: str
     url: HttpUrl
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    captions_url: HttpUrl | None = None  # WebVTT sidecar of the voice line, when the template has captions
     published_at: UtcDatetime = Field(default_factory=utcnow)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.adapters.storage import ObjectStore
 from pipeline.errors import PermanentError
-from pipeline.keys import clip_key, poster_key
+from pipeline.keys import captions_key, clip_key, poster_key
 from pipeline.ports import EventPublisher, Renderer
 from pipeline.repositories import JobRepository
 from pipeline.settings import Settings
@@ -82,7 +82,7 @@ class RenderService:
             self.store.put_file(bucket, pkey, clip.poster_path, content_type="image/jpeg")
             captions = getattr(clip, "captions_path", None)
             if captions is not None:
-                ckey = clip_key(req.campaign_id, req.recipient.id, req.job_id, "vtt")
+                ckey = captions_key(req.campaign_id, req.recipient.id, req.job_id)
                 self.store.put_file(bucket, ckey, captions, content_type="text/vtt; charset=utf-8")
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -260,8 +260,10 @@ def test_revocation_takes_the_published_clip_down_within_60_s(world: World) -> N
     job = world.settle(job_id)
     assert job.state == JobState.PUBLISHED, job.reason
     key = job.published_key
-    assert key in world.live_keys()
-    others_before = [k for k in world.live_keys() if k != key]
+    assert key is not None and key in world.live_keys()
+    vtt = key.removesuffix(".mp4") + ".vtt"
+    assert vtt in world.live_keys(), "the captions sidecar is published beside the clip"
+    others_before = [k for k in world.live_keys() if k not in (key, vtt)]
 
     t0 = time.monotonic()
     out = world.cli("consent", "revoke", "revoke-me").stdout
@@ -282,8 +284,8 @@ def test_revocation_takes_the_published_clip_down_within_60_s(world: World) -> N
     assert clip is not None and clip.taken_down_at is not None
     events = [json.loads(r.value)["payload"] for r in consume_all(world.settings, CLIPS_TAKEN_DOWN, expect=1)]
     assert [(e["job_id"], e["object_key"]) for e in events] == [(str(job_id), key)]
-    # Other subjects' clips stay up.
-    assert [k for k in world.live_keys() if k != key] == others_before
+    # The sidecar goes with the clip; other subjects' clips stay up.
+    assert world.live_keys() == others_before
 
 
 def test_operator_commands(world: World) -> None:

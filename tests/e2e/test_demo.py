@@ -36,6 +36,8 @@ def test_demo_publishes_and_downloads_three_clips(tmp_path: Path) -> None:
         assert (info.video_codec, info.width, info.height) == ("h264", 1080, 1920)
         assert info.audio_codec == "aac"
         assert info.has_faststart
+        captions = clip.with_suffix(".vtt").read_text(encoding="utf-8")
+        assert captions.startswith("WEBVTT") and "-->" in captions
     # The stack is gone: nothing listens any more on the ports this run's servers used.
     ports = [int(p) for p in re.findall(r"on 127\.0\.0\.1:(\d+) \.\.\.", proc.stdout)]
     assert len(ports) == 2, proc.stdout

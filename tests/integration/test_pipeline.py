@@ -48,7 +48,8 @@ def test_duplicate_render_request_gives_one_job_and_one_published_object(
     jobs = container.jobs.list_jobs(campaign_id=brief.campaign_id)
     assert [j.job_id for j in jobs] == [req.job_id]
     keys = container.store.list_keys(container.settings.bucket_distribution)
-    assert keys == [f"{brief.campaign_id}/{req.recipient.id}/{req.job_id}.mp4"]
+    stem = f"{brief.campaign_id}/{req.recipient.id}/{req.job_id}"
+    assert sorted(keys) == [f"{stem}.mp4", f"{stem}.vtt"]  # one clip, and its captions sidecar
     states = [e.to_state for e in container.jobs.history(req.job_id)]
     assert states.count(JobState.PUBLISHED) == 1
     assert states.count(JobState.RENDERING) == 1

@@ -13,12 +13,12 @@ import pytest
 import consumers.takedown
 from pipeline.adapters.storage import sha256_file
 from pipeline.bootstrap import Container
-from pipeline.keys import clip_key
+from pipeline.keys import captions_key, clip_key
 from pipeline.moderation.expiry import run_consent_expiry
 from pipeline.provenance import read_aigc_label, read_c2pa, trust_anchors
 from pipeline.publish import PublishService
 from pipeline.repositories import ConsentRecord
-from pipeline.topics import CLIPS_TAKEN_DOWN, CONSENT_EVENTS, dlq
+from pipeline.topics import CLIPS_PUBLISHED, CLIPS_TAKEN_DOWN, CONSENT_EVENTS, dlq
 from schemas.brief import SubjectUse
 from schemas.common import Scope, job_id_for
 from schemas.events import ConsentChanged, Decision, Envelope, ModerationDecided, RenderRequested
@@ -64,6 +64,12 @@ def approved_job(c: Container, tmp_path: Path, recipient: str, subject: str) -> 
         content_type="video/mp4",
         metadata={"sha256": sha256_file(video)},
     )
+    c.store.put_bytes(
+        c.settings.bucket_staging,
+        captions_key(CAMPAIGN, recipient, req.job_id),
+        f"WEBVTT\n\n1\n00:00:00.000 --> 00:00:02.000\n{recipient}\n".encode(),
+        content_type="text/vtt; charset=utf-8",
+    )
     steps = [JobState.RENDERING, JobState.RENDERED, JobState.MODERATING, JobState.APPROVED]
     prev = JobState.REQUESTED
     for st in steps:
@@ -103,6 +109,13 @@ def test_published_clip_carries_both_labels_and_its_subjects_are_indexed(
     record = container.published.get(req.job_id)
     assert record is not None and record.sha256 == sha256_file(out)
     assert [j.job_id for j in container.job_subjects.jobs_using("grandma")] == [req.job_id]
+    vtt = captions_key(CAMPAIGN, "r-1", req.job_id)
+    assert sorted(container.store.list_keys(container.settings.bucket_distribution)) == sorted(
+        [job.published_key, vtt]
+    )
+    (announced,) = consume_all(container.settings, CLIPS_PUBLISHED, expect=1)
+    payload = json.loads(announced.value)["payload"]
+    assert payload["captions_url"] == container.store.public_url(vtt)
 
 
 def test_consent_revoked_after_moderation_is_not_published(container: Container, tmp_path: Path) -> None:
@@ -162,8 +175,9 @@ def test_daily_expiry_takes_down_expired_and_orphaned_clips(container: Container
     assert report.expired_subjects == ("short-lived",)
     assert set(report.taken_down) == {reqs["short-lived"].job_id, reqs["lost-event"].job_id}
     assert state(container, reqs["still-fine"].job_id) == JobState.PUBLISHED
-    assert container.store.list_keys(container.settings.bucket_distribution) == [
-        clip_key(CAMPAIGN, "r-still-fine", reqs["still-fine"].job_id)
+    assert sorted(container.store.list_keys(container.settings.bucket_distribution)) == [
+        clip_key(CAMPAIGN, "r-still-fine", reqs["still-fine"].job_id),
+        captions_key(CAMPAIGN, "r-still-fine", reqs["still-fine"].job_id),
     ]
     again = run_consent_expiry(container.settings)
     assert again.expired_records == () and again.taken_down == ()

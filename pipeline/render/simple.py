@@ -857,7 +857,9 @@ def x264_args(fps: int, threads: int = 0) -> list[str]:
     return args
 
 
-AAC_ARGS = ["-c:a", "aac", "-b:a", "160k", "-ar", str(SAMPLE_RATE), "-ac", "2"]
+# The "fast" coder: 2.5x less CPU than the default twoloop for this mix; at 160k its
+# waveform error is lower still (SNR 37 dB vs 26 dB on the lunar-new-year mix).
+AAC_ARGS = ["-c:a", "aac", "-aac_coder", "fast", "-b:a", "160k", "-ar", str(SAMPLE_RATE), "-ac", "2"]
 
 
 def _write_raw(path: Path, rgba_or_rgb: np.ndarray) -> Path:

@@ -137,6 +137,8 @@ def naive_render(
         ffmpeg_params=[*params, "-movflags", "+faststart"],
         pixel_format="yuv420p",
         threads=engine.threads or None,
+        # moviepy writes its temporary audio track into the current directory by default.
+        temp_audiofile_path=str(out.parent),
         logger=None,
     )
     video.close()

@@ -20,6 +20,7 @@ from pipeline.campaigns import sample_brief
 from pipeline.devstack import DevStack
 from pipeline.keys import sidecar_of
 from pipeline.settings import Settings
+from schemas.common import job_id_for
 from schemas.jobs import FINAL_STATES, WAITING_FOR_HUMAN, JobState
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,6 @@ def run_demo(
         out_dir.mkdir(parents=True, exist_ok=True)
         downloaded: list[Path] = []
         for r in brief.recipients:
-            from schemas.common import job_id_for
-
             job = by_job.get(job_id_for(brief.campaign_id, r.id, brief.template.name, brief.template.version))
             state = job.state if job else None
             detail = (job.url if state == JobState.PUBLISHED else job.reason) if job else "missing"

@@ -11,3 +11,7 @@ def setup_logging(level: str | None = None) -> None:
     )
     for noisy in ("kafka", "urllib3", "botocore", "werkzeug", "moto", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kafka-python 3's IO thread warns whenever one of its steps takes > 0.1 s. In a worker
+    # that renders or decodes video in the same process that is GIL contention, not a stuck
+    # coroutine, and it fires on every busy minute; the consumer's own errors still show.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)

@@ -77,6 +77,37 @@ def split_merge(text: str) -> list[tuple[str, bool]]:
     return pieces
 
 
+# A reading in a Japanese voice line: `｜BASE《READING》`, or `BASE《READING》` where BASE is
+# the run of kanji just before (Aozora Bunko's ruby notation). The captions show BASE; the
+# TTS speaks READING. eSpeak's Japanese voice reads kana only, so a line written for the ear
+# alone would put kana where a Japanese reader expects kanji. Only Japanese: in Chinese,
+# 《》 are title marks.
+_KANJI = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff々〆ヶ"
+_RUBY_RE = re.compile(rf"｜([^｜《》]+)《([^｜《》]+)》|([{_KANJI}]+)《([^｜《》]+)》")
+
+
+def ruby_text(text: str, locale: Locale, *, spoken: bool) -> str:
+    """`text` with each reading annotation resolved: its reading (spoken) or its base (shown)."""
+    if locale != Locale.JA:
+        return text
+
+    def resolve(m: re.Match[str]) -> str:
+        return str(m.group(2) or m.group(4)) if spoken else str(m.group(1) or m.group(3))
+
+    return _RUBY_RE.sub(resolve, text)
+
+
+def check_ruby(text: str) -> None:
+    """Raises ValueError on a stray ｜, 《 or 》 (a reading annotation that does not parse)."""
+    rest = _RUBY_RE.sub("", text)
+    stray = sorted({c for c in rest if c in "｜《》"})
+    if stray:
+        raise ValueError(
+            f"malformed reading annotation in {text!r} (stray {''.join(stray)}); "
+            "write ｜BASE《READING》 or KANJI《READING》"
+        )
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -437,6 +468,10 @@ class Template(_Model):
         if voice is not None:
             if voice.text not in all_keys:
                 errors.append(f"audio.voice.text {voice.text!r} is not a key of strings")
+            try:
+                check_ruby(self.strings.get(Locale.JA, {}).get(voice.text, ""))
+            except ValueError as exc:
+                errors.append(f"strings.ja.{voice.text}: {exc}")
             if voice.end <= voice.start:
                 errors.append("audio.voice.end must be after audio.voice.start")
             if voice.start < self.personal.start or voice.end > self.personal.end:

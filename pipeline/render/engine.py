@@ -240,7 +240,7 @@ _LEADING_PUNCT = re.compile(r"^[\s、。，,.!！?？:：;；]+")
 def speech_parts(voice_text: str, locale: Locale, name: str) -> list[tuple[SpeechPart, str]]:
     """(what to speak, what to show) pieces of a voice line: the merge fields are spoken by
     the voice that can read them, literal text is cut at sentence ends."""
-    from schemas.template import split_merge
+    from schemas.template import ruby_text, split_merge
 
     out: list[tuple[SpeechPart, str]] = []
     values = merge_values(name)
@@ -256,7 +256,8 @@ def speech_parts(voice_text: str, locale: Locale, name: str) -> list[tuple[Speec
             piece = piece[lead.end() :]
         for sentence in _SENTENCE_END.split(piece):
             if sentence.strip():
-                out.append((SpeechPart(sentence.strip(), locale), sentence))
+                spoken = ruby_text(sentence, locale, spoken=True).strip()
+                out.append((SpeechPart(spoken, locale), ruby_text(sentence, locale, spoken=False)))
     return out
 
 

@@ -29,6 +29,7 @@ from schemas.template import (
     Template,
     TextLayer,
     merge_fields_in,
+    ruby_text,
     split_merge,
 )
 
@@ -191,13 +192,11 @@ def drawn_texts(t: Template, locale: Locale) -> list[str]:
     """Every string the template draws for a locale, with merge fields left in."""
     out: list[str] = []
     for layer in t.layers:
-        key: str | None = None
-        if isinstance(layer, TextLayer | StickerLayer):
-            key = layer.text
+        if isinstance(layer, TextLayer | StickerLayer) and layer.text:
+            out.append(localized(t, locale, layer.text))
         elif isinstance(layer, CaptionsLayer) and t.audio.voice is not None:
-            key = t.audio.voice.text
-        if key:
-            out.append(localized(t, locale, key))
+            # captions show the base of a reading annotation, never the reading
+            out.append(ruby_text(localized(t, locale, t.audio.voice.text), locale, spoken=False))
     return out
 
 

@@ -59,6 +59,23 @@ def test_voice_line_parts_and_caption_cues() -> None:
     assert "陳大文" in cues[0].text
 
 
+def test_japanese_reading_is_spoken_and_its_kanji_shown() -> None:
+    line = "{recipient.name}さん、中秋節《ちゅうしゅうせつ》、｜お月見《おつきみ》です！"
+    parts = speech_parts(line, Locale.JA, "はなこ")
+    assert [p.text for p, _ in parts] == ["はなこ", "さん、ちゅうしゅうせつ、おつきみです！"]
+    assert "".join(shown for _, shown in parts) == "はなこさん、中秋節、お月見です！"
+    # In Chinese 《》 are title marks: spoken and shown as written.
+    (zh,) = speech_parts("送上《恭喜發財》", Locale.ZH_HANT_HK, "x")
+    assert zh[0].text == zh[1] == "送上《恭喜發財》"
+
+
+def test_shipped_japanese_captions_show_kanji() -> None:
+    from pipeline.render.templates import drawn_texts
+
+    t = get_template("mid-autumn").template
+    assert "{recipient.name}さん、中秋節、おめでとうございます！" in drawn_texts(t, Locale.JA)
+
+
 def test_loudness_meter_matches_pyloudnorm() -> None:
     import pyloudnorm
 

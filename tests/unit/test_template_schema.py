@@ -124,6 +124,9 @@ def test_other_template_errors_are_clear() -> None:
     data = _lny()
     data["audio"]["voice"]["end"] = 7.0
     assert "audio.voice" in _error(data)
+    data = _lny()
+    data["strings"]["ja"]["voice"] = "{recipient.name}さん、新年《しんねん》》おめでとう"
+    assert "strings.ja.voice: malformed reading annotation" in _error(data)
     data = copy.deepcopy(_lny())
     data["layers"][1]["type"] = "hologram"
     assert "layers.1" in _error(data)

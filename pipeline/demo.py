@@ -19,6 +19,7 @@ from pipeline.bootstrap import Container
 from pipeline.campaigns import sample_brief
 from pipeline.devstack import DevStack
 from pipeline.keys import sidecar_of
+from pipeline.provenance import init_dev_ca, provenance_dir
 from pipeline.settings import Settings
 from schemas.common import job_id_for
 from schemas.jobs import FINAL_STATES, WAITING_FOR_HUMAN, JobState
@@ -35,19 +36,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def demo_settings(base: Settings, run_dir: Path) -> Settings:
-    """A private stack for one demo run: free ports, a fresh database, in-memory broker and S3."""
+    """A private stack for one demo run: free ports, a fresh database, in-memory broker and S3.
+
+    Clips are signed with the dev CA of the base data dir (not a per-run one), so that a
+    plain `greetflow verify demo-out/CLIP.mp4` afterwards trusts them."""
     broker, s3 = free_port(base.dev_host), free_port(base.dev_host)
-    return base.model_copy(
-        update={
-            "data_dir": run_dir,
-            "dev_broker_port": broker,
-            "dev_s3_port": s3,
-            "kafka_bootstrap": f"{base.dev_host}:{broker}",
-            "s3_endpoint": f"http://{base.dev_host}:{s3}",
-            "database_url": "",
-            "distribution_base_url": "",
-        }
-    )
+    update: dict[str, Any] = {
+        "data_dir": run_dir,
+        "dev_broker_port": broker,
+        "dev_s3_port": s3,
+        "kafka_bootstrap": f"{base.dev_host}:{broker}",
+        "s3_endpoint": f"http://{base.dev_host}:{s3}",
+        "database_url": "",
+        "distribution_base_url": "",
+    }
+    if base.c2pa_cert_chain is None and base.c2pa_private_key is None:
+        ca = init_dev_ca(provenance_dir(base), organization=base.content_producer)
+        update |= {"c2pa_cert_chain": ca.signer_chain, "c2pa_private_key": ca.signer_key}
+        if base.c2pa_trust_anchors is None:
+            update["c2pa_trust_anchors"] = ca.ca_cert
+    return base.model_copy(update=update)
 
 
 def run_demo(
@@ -116,6 +124,8 @@ def run_demo(
     console.print(
         f"downloaded {len(downloaded)} clips and their captions to {out_dir.resolve()} in {elapsed:.1f} s"
     )
+    if downloaded:
+        console.print(f"check a clip's AI labels and C2PA manifest: greetflow verify {downloaded[0]}")
     published = sum(1 for r in records if r.state == JobState.PUBLISHED)
     if published != len(brief.recipients):
         console.print(f"[red]{len(brief.recipients) - published} jobs did not publish[/]")

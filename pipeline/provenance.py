@@ -520,6 +520,12 @@ def report_lines(report: ProvenanceReport) -> list[str]:
             f"template {c.parameters.get('template', '-')}; model {c.parameters.get('model', '-')}"
         )
         lines.extend(f"  failure: {f}" for f in c.failures)
+        if c.validation_state == "Valid":
+            lines.append(
+                "  the signature is intact but its signer chains to no trusted CA: pass "
+                "--trust-anchors PEM (or set GREETFLOW_C2PA_TRUST_ANCHORS), or use the "
+                "GREETFLOW_DATA_DIR whose dev CA signed it"
+            )
     lines.append("result: " + ("OK" if report.ok else "FAIL"))
     return lines
 

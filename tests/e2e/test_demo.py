@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -38,6 +39,18 @@ def test_demo_publishes_and_downloads_three_clips(tmp_path: Path) -> None:
         assert info.has_faststart
         captions = clip.with_suffix(".vtt").read_text(encoding="utf-8")
         assert captions.startswith("WEBVTT") and "-->" in captions
+    # The clips verify with the default settings of the same data dir (its dev CA).
+    verify = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "verify", str(clips[0]), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert verify.returncode == 0, verify.stdout[-4000:] + verify.stderr[-4000:]
+    report = json.loads(verify.stdout)
+    assert report["ok"] and report["c2pa"]["validation_state"] == "Trusted"
     # The stack is gone: nothing listens any more on the ports this run's servers used.
     ports = [int(p) for p in re.findall(r"on 127\.0\.0\.1:(\d+) \.\.\.", proc.stdout)]
     assert len(ports) == 2, proc.stdout

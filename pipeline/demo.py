@@ -125,7 +125,9 @@ def run_demo(
         f"downloaded {len(downloaded)} clips and their captions to {out_dir.resolve()} in {elapsed:.1f} s"
     )
     if downloaded:
-        console.print(f"check a clip's AI labels and C2PA manifest: greetflow verify {downloaded[0]}")
+        console.print(
+            f"check a clip's AI labels and C2PA manifest: greetflow verify {downloaded[0]}", soft_wrap=True
+        )
     published = sum(1 for r in records if r.state == JobState.PUBLISHED)
     if published != len(brief.recipients):
         console.print(f"[red]{len(brief.recipients) - published} jobs did not publish[/]")

@@ -11,6 +11,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 AIGC_METADATA_KEY = "AIGC"
+# The visible label the renderer draws when a template does not say otherwise, and that
+# the moderation check looks for.
+VISIBLE_AI_LABEL = "AI生成 / AI-generated"
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 
 

@@ -20,6 +20,7 @@ from typing import Annotated, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.common import Locale, Slug
+from schemas.provenance import VISIBLE_AI_LABEL
 
 MAX_DURATION_S = 15.0
 
@@ -282,10 +283,11 @@ class PhotoLayer(_Layer):
 
 
 class LabelLayer(_Layer):
-    """The visible AI-generated label, always at the top-left of the safe area."""
+    """The visible AI-generated label, always at the top-left of the safe area. The renderer
+    draws `text`, and the moderation check of a clip looks for the same text."""
 
     type: Literal["label"] = "label"
-    text: str = "AI生成 / AI-generated"
+    text: str = VISIBLE_AI_LABEL
 
 
 class CaptionsLayer(_Layer):
@@ -425,11 +427,9 @@ class Template(_Model):
                 errors.append(f"{where}: ends at {end} s, after the clip ({d} s)")
             if end <= layer.start:
                 errors.append(f"{where}: end ({end}) must be after start ({layer.start})")
-            if isinstance(layer, TextLayer | StickerLayer) and getattr(layer, "text", None):
-                key = layer.text
-                assert key is not None
-                if key not in all_keys:
-                    errors.append(f"{where}: text {key!r} is not a key of strings")
+            key = layer.text if isinstance(layer, TextLayer | StickerLayer) else None
+            if key and key not in all_keys:
+                errors.append(f"{where}: text {key!r} is not a key of strings")
             if isinstance(layer, TextLayer | PhotoLayer | CaptionsLayer) and layer.box.y < LABEL_BAND:
                 errors.append(f"{where}: box.y must be >= {LABEL_BAND} (the AI label band)")
             if isinstance(layer, LabelLayer):

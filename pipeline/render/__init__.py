@@ -1,5 +1,5 @@
-"""Rendering: fonts (no tofu), ffmpeg plumbing, the template engine (render once,
-personalize a segment; docs/templates.md) and the first simple renderer.
+"""Rendering: fonts (no tofu), ffmpeg plumbing, the drawing library (pipeline.render.draw)
+and the template engine (render once, personalize a segment; docs/templates.md).
 
 The names below are loaded lazily, so importing a light submodule (pipeline.render.service)
 does not pull in numpy, Pillow, fontTools and ffmpeg lookups.
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
         probe,
         run_ffmpeg,
     )
-    from pipeline.render.simple import RenderOutput, render_greeting
     from pipeline.render.templates import LoadedTemplate, TemplateError, get_template
 
 _EXPORTS = {
@@ -52,8 +51,6 @@ _EXPORTS = {
     "LoadedTemplate": "pipeline.render.templates",
     "TemplateError": "pipeline.render.templates",
     "get_template": "pipeline.render.templates",
-    "RenderOutput": "pipeline.render.simple",
-    "render_greeting": "pipeline.render.simple",
 }
 
 __all__ = [
@@ -63,7 +60,6 @@ __all__ = [
     "LoadedTemplate",
     "MediaInfo",
     "RenderError",
-    "RenderOutput",
     "RenderResult",
     "TemplateError",
     "TemplateRenderer",
@@ -75,7 +71,6 @@ __all__ = [
     "get_template",
     "missing_glyphs",
     "probe",
-    "render_greeting",
     "renderer_from_settings",
     "run_ffmpeg",
 ]

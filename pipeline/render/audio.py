@@ -8,14 +8,16 @@ segments were joined: no segment border ever cuts the audio, so no click can app
 from __future__ import annotations
 
 import math
+import wave
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.render.simple import PENTATONIC, SAMPLE_RATE, _bell, _midi_hz, _pluck, write_wav
 from schemas.template import Audio, Effect, MusicBed
 
+SAMPLE_RATE = 48_000
+PENTATONIC = (0, 2, 4, 7, 9)  # major pentatonic degrees (semitones)
 SCALES: dict[str, tuple[int, ...]] = {
     "pentatonic": PENTATONIC,
     "major": (0, 2, 4, 5, 7, 9, 11),
@@ -24,6 +26,25 @@ SCALES: dict[str, tuple[int, ...]] = {
 
 TRUE_PEAK_MARGIN_DB = 0.6
 LUFS_TOLERANCE = 0.3  # LU: 'about -14 LUFS'  # AAC encoding adds a little overshoot; limit below the target
+
+
+def _midi_hz(n: float) -> float:
+    return float(440.0 * 2.0 ** ((n - 69) / 12))
+
+
+def _pluck(freq: float, dur: float, sr: int) -> np.ndarray:
+    t = np.arange(int(dur * sr), dtype=np.float64) / sr
+    tone = np.zeros_like(t)
+    for k, amp in enumerate((1.0, 0.45, 0.22, 0.12, 0.06), start=1):
+        tone += amp * np.sin(2 * np.pi * freq * k * t) * np.exp(-t * (2.2 + 1.6 * k))
+    attack = np.minimum(1.0, t / 0.006)
+    return tone * attack
+
+
+def _bell(freq: float, dur: float, sr: int) -> np.ndarray:
+    t = np.arange(int(dur * sr), dtype=np.float64) / sr
+    env = np.exp(-t * 2.2) * np.minimum(1.0, t / 0.003)
+    return env * (np.sin(2 * np.pi * freq * t) + 0.35 * np.sin(2 * np.pi * freq * 2.76 * t))
 
 
 def music_bed(spec: MusicBed, duration_s: float, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -71,12 +92,13 @@ def music_bed(spec: MusicBed, duration_s: float, *, sample_rate: int = SAMPLE_RA
         d = int(delay * sample_rate)
         out[d:, dst] += gain * out[:-d, src]
     out = out[:n]
-    _fade_ends(out, sample_rate)
+    fade_ends(out, sample_rate)
     peak = float(np.max(np.abs(out))) or 1.0
     return out * (10 ** (-3 / 20) / peak)
 
 
-def _fade_ends(x: np.ndarray, sr: int, fade_in_s: float = 0.02, fade_out_s: float = 0.8) -> None:
+def fade_ends(x: np.ndarray, sr: int, fade_in_s: float = 0.02, fade_out_s: float = 0.8) -> None:
+    """Fade the head and tail in place, so the sound starts and ends without a click."""
     n = x.shape[0]
     fi, fo = min(n, int(fade_in_s * sr)), min(n, int(fade_out_s * sr))
     if fi:
@@ -121,7 +143,8 @@ def bed_with_effects(
 ) -> np.ndarray:
     """The shared part of the soundtrack: music (at music_gain_db) plus effects."""
     if music is None:
-        assert isinstance(audio.music, MusicBed)
+        if not isinstance(audio.music, MusicBed):
+            raise ValueError("a template whose music is a file needs the decoded music passed in")
         music = music_bed(audio.music, duration_s, sample_rate=sample_rate)
     bed = music * 10 ** (audio.music_gain_db / 20)
     n = bed.shape[0]
@@ -309,9 +332,18 @@ def mix(
         if delta > 0:
             out = limit_true_peak(out, ceiling, sample_rate)
         lufs = integrated_lufs(out, sample_rate)
-    _fade_ends(out, sample_rate, 0.005, 0.05)
+    fade_ends(out, sample_rate, 0.005, 0.05)
     return MixResult(samples=out, lufs=lufs, true_peak_db=true_peak_db(out), gain_db=total_gain)
 
 
-def write_mix(path: Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
-    return write_wav(path, samples, sample_rate)
+def write_wav(path: Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
+    """Write float samples (n, channels) in [-1, 1] as 16-bit PCM WAV (TPDF dithered)."""
+    rng = np.random.default_rng(0)
+    dither = (rng.random(samples.shape) - rng.random(samples.shape)) / 32768.0
+    pcm = np.clip(np.rint((samples + dither) * 32767.0), -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(samples.shape[1] if samples.ndim == 2 else 1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
+    return path

@@ -32,8 +32,7 @@ import numpy as np
 from pipeline.render import audio as audio_mod
 from pipeline.render.compose import Still
 from pipeline.render.engine import BT709_PARAMS, TemplateRenderer
-from pipeline.render.media import run_ffmpeg
-from pipeline.render.simple import SAMPLE_RATE, x264_args
+from pipeline.render.media import run_ffmpeg, x264_args
 from schemas.brief import Recipient, TemplateRef
 from schemas.common import Locale
 from schemas.events import RenderRequested
@@ -122,7 +121,7 @@ def naive_render(
     mixed = audio_mod.mix(
         bed, speech.samples if speech else None, voice_start, list(speech.spans) if speech else [], t.audio
     )
-    video = video.with_audio(AudioArrayClip(mixed.samples.astype(np.float32), fps=SAMPLE_RATE))
+    video = video.with_audio(AudioArrayClip(mixed.samples.astype(np.float32), fps=audio_mod.SAMPLE_RATE))
     x264 = x264_args(var.fps, engine.threads)
     params = x264[x264.index("-profile:v") :]
     params = [p for p in params if p not in ("-pix_fmt", "yuv420p")]
@@ -132,7 +131,7 @@ def naive_render(
         codec="libx264",
         preset="veryfast",
         audio_codec="aac",
-        audio_fps=SAMPLE_RATE,
+        audio_fps=audio_mod.SAMPLE_RATE,
         audio_bitrate="160k",
         ffmpeg_params=[*params, "-movflags", "+faststart"],
         pixel_format="yuv420p",

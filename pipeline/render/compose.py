@@ -17,38 +17,31 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from pipeline.errors import PermanentError
-from pipeline.render.fonts import FontFace, find_font_face
-from pipeline.render.layout import fit_block
-from pipeline.render.simple import (
+from pipeline.render.draw import (
     GOLD,
     GOLD_DEEP,
+    REF_H,
+    REF_W,
     RGB,
     Box,
-    _unpremultiply,
     bokeh,
     divider,
     draw_label,
     draw_text_block,
     lantern,
-    load_font,
+    safe_area,
+    unpremultiply,
 )
+from pipeline.render.fonts import FontFace, find_font_face
+from pipeline.render.layout import fit_block, load_font
 from schemas.common import Locale
 from schemas.template import Box as FracBox
 from schemas.template import TextStyle
-
-REF_W, REF_H = 1080, 1920
 
 
 def size_scale(width: int, height: int) -> float:
     """Sizes in templates are given for a 1080x1920 frame; scale by the area's root."""
     return math.sqrt(width * height / (REF_W * REF_H))
-
-
-def safe_area(width: int, height: int) -> Box:
-    """Clear of the top 10 % and the bottom 20 % (where short-video apps draw their UI),
-    with side margins of 7 %."""
-    mx = round(width * 0.07)
-    return Box(mx, math.ceil(height * 0.10), width - mx, math.floor(height * 0.80))
 
 
 def box_px(area: Box, b: FracBox) -> Box:
@@ -199,15 +192,17 @@ def draw_text(
 def label_still(
     text: str, locale: Locale, width: int, height: int, font_dirs: Sequence[Path | str] = ()
 ) -> tuple[Image.Image, int, int]:
-    """The visible AI label at the top-left of the safe area (same place as ever)."""
+    """The visible AI label (`text`: the template's, pipeline.render.templates.label_text)
+    at the top-left of the safe area."""
     area = safe_area(width, height)
     scale = size_scale(width, height) if width > height else height / REF_H
     face = find_font_face(text, locale, weight="regular", extra_dirs=font_dirs)
     size = max(10, round(34 * scale))
     canvas = Image.new("RGBA", (area.width, size * 3), (0, 0, 0, 0))
-    draw_label(canvas, face, x=0, y=0, size=size)
+    draw_label(canvas, face, x=0, y=0, size=size, text=text)
     bbox = canvas.getbbox()
-    assert bbox is not None
+    if bbox is None:
+        raise PermanentError(f"the label {text!r} drew nothing")
     return canvas.crop((0, 0, bbox[2] + 1, bbox[3] + 1)), area.x0, area.y0 + round(22 * scale)
 
 
@@ -367,7 +362,7 @@ def bauble(width: int, string_len: int, color: RGB, *, seed: int = 0) -> Image.I
     col = np.array(color, np.float32) * (1 - 0.55 * shade[..., None]) + 255 * 0.8 * hl[..., None]
     premul = premul * (1 - inside[..., None]) + np.clip(col, 0, 255) * inside[..., None]
     alpha = alpha * (1 - inside) + inside
-    img = Image.fromarray(_unpremultiply(premul, alpha))
+    img = Image.fromarray(unpremultiply(premul, alpha))
     dr = ImageDraw.Draw(img)
     top = string_len * s
     lw = max(2, round(w * 0.02))
@@ -412,26 +407,6 @@ def hanging_cluster(
 
 def _expr(e: str, offset: float) -> str:
     return e.replace("T", f"(t+{offset:.6f})")
-
-
-def raw_input_args(path: Path, width: int, height: int, pix_fmt: str, fps: int) -> list[str]:
-    return [
-        "-f",
-        "rawvideo",
-        "-pix_fmt",
-        pix_fmt,
-        "-s",
-        f"{width}x{height}",
-        "-framerate",
-        str(fps),
-        "-i",
-        str(path),
-    ]
-
-
-def write_still(path: Path, img: np.ndarray) -> Path:
-    path.write_bytes(np.ascontiguousarray(img).tobytes())
-    return path
 
 
 def overlay_chain(

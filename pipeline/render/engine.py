@@ -37,9 +37,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.adapters.storage import sha256_file
 from pipeline.errors import PermanentError
 from pipeline.ports import RenderedClip
 from pipeline.render import audio as audio_mod
+from pipeline.render.audio import SAMPLE_RATE
 from pipeline.render.compose import (
     Still,
     box_px,
@@ -50,21 +52,28 @@ from pipeline.render.compose import (
     overlay_chain,
     particles_image,
     photo_still,
-    raw_input_args,
-    safe_area,
     size_scale,
-    write_still,
     yuv420_frame_to_rgb,
 )
+from pipeline.render.draw import LANTERN_CHAR, safe_area
 from pipeline.render.fonts import find_font_face
 from pipeline.render.generate import Generator, GenRequest, ProceduralGenerator, cover
-from pipeline.render.media import RenderError, ffmpeg_exe, has_faststart, run_ffmpeg
-from pipeline.render.simple import AAC_ARGS, SAMPLE_RATE, sha256_file, x264_args
+from pipeline.render.media import (
+    RenderError,
+    aac_args,
+    ffmpeg_exe,
+    has_faststart,
+    raw_input_args,
+    run_ffmpeg,
+    write_raw_frame,
+    x264_args,
+)
 from pipeline.render.templates import (
     LoadedTemplate,
     TemplateError,
     drawn_texts,
     get_template,
+    label_text,
     localized,
     merge_values,
     substitute,
@@ -418,9 +427,11 @@ class TemplateRenderer:
                     list(speech.spans) if speech else [],
                     t.audio,
                 )
-                wav = audio_mod.write_mix(tmp / "mix.wav", mixed.samples)
+                wav = audio_mod.write_wav(tmp / "mix.wav", mixed.samples)
                 m4a = tmp / "mix.m4a"
-                run_ffmpeg(["-y", "-i", str(wav), *AAC_ARGS, "-vn", str(m4a)], timeout=self.timeout_s)
+                run_ffmpeg(
+                    ["-y", "-i", str(wav), *aac_args(SAMPLE_RATE), "-vn", str(m4a)], timeout=self.timeout_s
+                )
                 timings["audio"] = time.perf_counter() - t1
                 return mixed, m4a
 
@@ -576,7 +587,8 @@ class TemplateRenderer:
             return img if self.generator.model_id.startswith("procedural") else _scrim(img)
         if isinstance(src, VideoSource):
             raise TemplateError(f"template {lt.template.name}: video backgrounds are not supported yet")
-        assert isinstance(src, ImageSource)
+        if not isinstance(src, ImageSource):
+            raise TemplateError(f"template {lt.template.name}: unknown background source {src!r}")
         with Image.open(lt.asset(src.path)) as im:
             return _scrim(cover(im.convert("RGB"), w, h))
 
@@ -640,7 +652,7 @@ class TemplateRenderer:
                 )
                 stills.append(self._text_motion(layer, np.asarray(dt.image), dt.x, dt.y, end, d, sc))
             elif isinstance(layer, LabelLayer):
-                img_l, x, y = label_still(layer.text, locale, w, h, self.font_dirs)
+                img_l, x, y = label_still(label_text(t), locale, w, h, self.font_dirs)
                 label = Still(layer.id, np.asarray(img_l), x, y)
         if base is None:
             raise TemplateError(f"template {t.name} has no background")
@@ -652,7 +664,8 @@ class TemplateRenderer:
         self, lt: LoadedTemplate, layer: StickerLayer, locale: Locale, w: int, h: int, sc: float, end: float
     ) -> Still:
         if layer.kind == "image":
-            assert layer.path is not None
+            if layer.path is None:
+                raise TemplateError(f"template {lt.template.name}: image sticker {layer.id} has no path")
             with Image.open(lt.asset(layer.path)) as im:
                 img = im.convert("RGBA")
             img.thumbnail((round(w * 0.4), round(h * 0.25)))
@@ -660,7 +673,7 @@ class TemplateRenderer:
         else:
             char_face = None
             if layer.kind == "lanterns":
-                char_face = find_font_face("福", locale, weight="bold", extra_dirs=self.font_dirs)
+                char_face = find_font_face(LANTERN_CHAR, locale, weight="bold", extra_dirs=self.font_dirs)
             img, x = hanging_cluster(layer.kind, w, h, char_face, sc)
             y = 0
         bob = max(2, round(7 * sc))
@@ -732,11 +745,11 @@ class TemplateRenderer:
         fps, w, h = var.fps, var.width, var.height
         inputs: list[str] = []
         bg_h = base.image.shape[0]
-        inputs += raw_input_args(write_still(work / "bg.rgb", base.image), w, bg_h, "rgb24", fps)
+        inputs += raw_input_args(write_raw_frame(work / "bg.rgb", base.image), w, bg_h, "rgb24", fps)
         for k, s in enumerate(stills):
             ih, iw = s.image.shape[:2]
             inputs += raw_input_args(
-                write_still(work / f"s{k}.raw", s.image), iw, ih, "rgba" if s.alpha else "rgb24", fps
+                write_raw_frame(work / f"s{k}.raw", s.image), iw, ih, "rgba" if s.alpha else "rgb24", fps
             )
         crop_y = base.y_expr.replace("T", "t") if base.y_expr else "0"
         lines = [
@@ -935,7 +948,11 @@ class TemplateRenderer:
             for k, s in enumerate(stills):
                 ih, iw = s.image.shape[:2]
                 inputs += raw_input_args(
-                    write_still(Path(d) / f"p{k}.raw", s.image), iw, ih, "rgba" if s.alpha else "rgb24", fps
+                    write_raw_frame(Path(d) / f"p{k}.raw", s.image),
+                    iw,
+                    ih,
+                    "rgba" if s.alpha else "rgb24",
+                    fps,
                 )
             # the plate is raw yuv: say what it is (BT.709, limited range), or ffmpeg would
             # treat it as BT.601 and convert it, shifting colours at the segment joins
@@ -1076,7 +1093,7 @@ def _load_music_file(path: Path, duration_s: float) -> np.ndarray:
     if x.shape[0] < n:
         x = np.pad(x, ((0, n - x.shape[0]), (0, 0)))
     x = x[:n].copy()
-    audio_mod._fade_ends(x, SAMPLE_RATE)
+    audio_mod.fade_ends(x, SAMPLE_RATE)
     return x
 
 

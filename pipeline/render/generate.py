@@ -27,8 +27,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from PIL import Image
 
+from pipeline.render.draw import REF_H, background, seigaiha, smoothstep, to_u8
 from pipeline.render.media import RenderError
-from pipeline.render.simple import _smoothstep, _to_u8, background, seigaiha
 
 log = logging.getLogger(__name__)
 
@@ -100,22 +100,22 @@ def mid_autumn_background(width: int, height: int, *, seed: int = 0) -> np.ndarr
     d = np.sqrt(dx**2 + dy**2) / (mr * aspect)
     glow = np.exp(-np.maximum(d - 1.0, 0) * 2.2) * (d > 0.98)
     img += glow[..., None] * np.array((120, 100, 60), f32) * f32(0.55)
-    disc = 1.0 - _smoothstep(0.985, 1.0, d)
+    disc = 1.0 - smoothstep(0.985, 1.0, d)
     tex = _clouds(width, height, rng, 3.0)
     moon = np.array((255, 236, 178), f32) * (1 - 0.16 * tex[..., None]) * (1 - 0.12 * (d**2)[..., None])
     img = img * (1 - disc[..., None]) + moon * disc[..., None]
     clouds = _clouds(width, height, rng, 1.4)
     band = (
-        _smoothstep(0.55, 0.85, clouds)
-        * (0.5 + 0.5 * _smoothstep(0.1, 0.35, y))
-        * (1 - _smoothstep(0.7, 0.95, y))
+        smoothstep(0.55, 0.85, clouds)
+        * (0.5 + 0.5 * smoothstep(0.1, 0.35, y))
+        * (1 - smoothstep(0.7, 0.95, y))
     )
     img = img * (1 - 0.45 * band[..., None]) + np.array((150, 140, 190), f32) * (0.45 * band[..., None])
     horizon = np.exp(-(((y - 1.0) / 0.22) ** 2))
     img += horizon[..., None] * np.array((90, 40, 10), f32)
     v = np.sqrt(((x - 0.5) * 1.2) ** 2 + (y - 0.45) ** 2)
-    img *= (1.0 - f32(0.4) * _smoothstep(0.4, 0.95, v))[..., None]
-    return _to_u8(img, rng)
+    img *= (1.0 - f32(0.4) * smoothstep(0.4, 0.95, v))[..., None]
+    return to_u8(img, rng)
 
 
 def winter_background(width: int, height: int, *, seed: int = 0) -> np.ndarray:
@@ -140,20 +140,20 @@ def winter_background(width: int, height: int, *, seed: int = 0) -> np.ndarray:
             + amp * np.sin(2 * math.pi * freq * x + phase)
             + amp * 0.25 * np.sin(2 * math.pi * freq * 2.7 * x)
         )
-        cover = _smoothstep(-0.004, 0.004, y - ridge)
+        cover = smoothstep(-0.004, 0.004, y - ridge)
         snow = (
             np.array((shade * 0.86, shade * 0.93, shade), f32)
-            * (1 - 0.25 * _smoothstep(0.0, 0.2, y - ridge))[..., None]
+            * (1 - 0.25 * smoothstep(0.0, 0.2, y - ridge))[..., None]
         )
         img = img * (1 - cover[..., None]) + snow * cover[..., None]
     band_top = round(height * 0.9)
-    scale = height / 1920
+    scale = height / REF_H
     waves = seigaiha(width, height - band_top, 48 * scale)
     wa = (waves * 0.06)[..., None]
     img[band_top:] = img[band_top:] * (1 - wa) + np.array((255, 255, 255), f32) * wa
     v = np.sqrt(((x - 0.5) * 1.2) ** 2 + (y - 0.45) ** 2)
-    img *= (1.0 - f32(0.35) * _smoothstep(0.4, 0.95, v))[..., None]
-    return _to_u8(img, rng)
+    img *= (1.0 - f32(0.35) * smoothstep(0.4, 0.95, v))[..., None]
+    return to_u8(img, rng)
 
 
 PROCEDURAL_STYLES = {

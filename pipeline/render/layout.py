@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 from PIL import ImageFont
 
 from pipeline.render.fonts import FontFace, require_glyphs
 from pipeline.render.media import RenderError
-from pipeline.render.simple import FittedText
 
 # May not start a line (closing punctuation, small kana, prolonged sound mark...).
 NO_LINE_START = frozenset(
@@ -29,6 +29,34 @@ NO_LINE_START = frozenset(
 NO_LINE_END = frozenset("([｛〔〈《「『【〘〖〝‘“«（［")
 
 LINE_PENALTY = 0.12  # a wrapping with k lines scores size / (1 + LINE_PENALTY * (k - 1))
+
+
+@dataclass(frozen=True)
+class FittedText:
+    lines: tuple[str, ...]
+    size: int
+    line_height: int
+    widths: tuple[int, ...]
+    ink_top: int  # first ink row, relative to the block's top (anchor) row
+    ink_bottom: int  # last ink row + 1, relative to the block's top row
+
+    @property
+    def width(self) -> int:
+        return max(self.widths)
+
+    @property
+    def height(self) -> int:
+        return self.ink_bottom - self.ink_top
+
+
+@lru_cache(maxsize=512)
+def _font(path: str, index: int, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, size=size, index=index)
+
+
+def load_font(face: FontFace, size: int) -> ImageFont.FreeTypeFont:
+    """The face at a pixel size (loaded once per process and size)."""
+    return _font(str(face.path), face.index, size)
 
 
 def _is_wide(ch: str) -> bool:
@@ -117,13 +145,8 @@ def balanced_lines(text: str, font: ImageFont.FreeTypeFont, max_lines: int) -> l
     return out
 
 
-@lru_cache(maxsize=512)
-def _font(path: str, index: int, size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(path, size=size, index=index)
-
-
 def _measure(face: FontFace, lines: Sequence[str], size: int, leading: float) -> FittedText:
-    font = _font(str(face.path), face.index, size)
+    font = load_font(face, size)
     boxes = [font.getbbox(ln, anchor="ma") for ln in lines]
     line_height = round(size * leading)
     return FittedText(
@@ -156,7 +179,7 @@ def fit_block(
         min_size = max_size
 
     def best_at(size: int) -> tuple[float, FittedText] | None:
-        font = _font(str(face.path), face.index, size)
+        font = load_font(face, size)
         best: tuple[float, FittedText] | None = None
         for lines in balanced_lines(text, font, max_lines):
             if len(lines) > max_lines:
@@ -183,7 +206,8 @@ def fit_block(
             hi = mid - 1
     # a smaller size with fewer lines may score better: compare a few candidates
     top = best_at(lo)
-    assert top is not None
+    if top is None:  # best_at(min_size) fit, and the search only keeps sizes that fit
+        raise RenderError(f"text {text!r} lost its fit at {lo} px")
     for size in range(lo - 1, max(min_size, round(lo / (1 + LINE_PENALTY))) - 1, -1):
         cand = best_at(size)
         if cand is not None and len(cand[1].lines) < len(top[1].lines) and cand[0] > top[0]:

@@ -1,4 +1,5 @@
-"""ffmpeg plumbing: run it, probe what it made, pull frames and audio levels out.
+"""ffmpeg plumbing: run it, the encoder settings, raw frame input, probe what it made,
+pull frames and audio levels out.
 
 imageio-ffmpeg ships an ffmpeg binary but no ffprobe, so stream info is parsed from
 `ffmpeg -hide_banner -i FILE` and the MP4 box order is read directly.
@@ -80,6 +81,72 @@ def run_ffmpeg(
 def _short(cmd: Sequence[str], limit: int = 600) -> str:
     text = " ".join(cmd)
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def x264_args(fps: int, threads: int = 0) -> list[str]:
+    """Encoder settings shared by every segment (identical settings let the concat
+    demuxer join segments with stream copy; fixed GOP, no scene-cut keyframes)."""
+    args = [
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-profile:v",
+        "high",
+        "-pix_fmt",
+        "yuv420p",
+        "-crf",
+        "20",
+        "-g",
+        str(fps * 2),
+        "-keyint_min",
+        str(fps),
+        "-sc_threshold",
+        "0",
+        "-colorspace",
+        "bt709",
+        "-color_primaries",
+        "bt709",
+        "-color_trc",
+        "bt709",
+        "-color_range",
+        "tv",
+    ]
+    if threads > 0:
+        args += ["-threads", str(threads)]
+    return args
+
+
+def aac_args(sample_rate: int) -> list[str]:
+    """AAC stereo at 160k. The "fast" coder: 2.5x less CPU than the default twoloop for
+    this mix; at 160k its waveform error is lower still (SNR 37 dB vs 26 dB on the
+    lunar-new-year mix)."""
+    return ["-c:a", "aac", "-aac_coder", "fast", "-b:a", "160k", "-ar", str(sample_rate), "-ac", "2"]
+
+
+def write_raw_frame(path: Path, frame: np.ndarray) -> Path:
+    """One uint8 RGB / RGBA frame as raw bytes, for an ffmpeg rawvideo input."""
+    path.write_bytes(np.ascontiguousarray(frame).tobytes())
+    return path
+
+
+def raw_input_args(path: Path, width: int, height: int, pix_fmt: str, fps: int) -> list[str]:
+    """ffmpeg input options that read `path` as raw frames of one size and pixel format."""
+    return [
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        pix_fmt,
+        "-s",
+        f"{width}x{height}",
+        "-framerate",
+        str(fps),
+        "-i",
+        str(path),
+    ]
 
 
 # --------------------------------------------------------------------------- probe

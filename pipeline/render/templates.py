@@ -20,9 +20,11 @@ from pydantic import ValidationError
 from pipeline.errors import PermanentError
 from schemas.brief import Recipient, TemplateRef
 from schemas.common import Locale
+from schemas.provenance import VISIBLE_AI_LABEL
 from schemas.template import (
     CaptionsLayer,
     ImageSource,
+    LabelLayer,
     MusicFile,
     PhotoLayer,
     StickerLayer,
@@ -186,6 +188,14 @@ def localized(t: Template, locale: Locale, key: str) -> str:
 
 
 # --------------------------------------------------------------------------- brief checks
+
+
+def label_text(t: Template) -> str:
+    """The visible AI label the template draws: its label layer's text, else the default."""
+    for layer in t.layers:
+        if isinstance(layer, LabelLayer) and layer.text:
+            return layer.text
+    return VISIBLE_AI_LABEL
 
 
 def drawn_texts(t: Template, locale: Locale) -> list[str]:

@@ -14,15 +14,20 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import PermanentError
+from pipeline.moderation.labels import LabelDetector, check_visible_label, expected_label_text
 from pipeline.ports import RenderedClip
 from pipeline.render import audio as audio_mod
-from pipeline.render.compose import face_center, safe_area
+from pipeline.render.compose import face_center, label_still
+from pipeline.render.draw import safe_area
 from pipeline.render.engine import RenderResult, TemplateRenderer, segment_parameter_sets
 from pipeline.render.fonts import FontNotFoundError, installed_faces, missing_glyphs_everywhere
 from pipeline.render.media import decode_audio, extract_frame, probe, run_ffmpeg
+from pipeline.settings import Settings
 from schemas.brief import Recipient, SubjectUse, TemplateRef
 from schemas.common import Locale, Scope
 from schemas.events import RenderRequested
+from schemas.provenance import VISIBLE_AI_LABEL
+from tests.clips import custom_label_template
 from tests.fonts_util import name_without_font
 
 W, H = 360, 640
@@ -176,6 +181,41 @@ def test_ai_label_is_visible_at_start_and_end(
         light = (label.min(axis=2) > 170).mean()
         assert light > 0.01, f"no light label text at t={t}"
         assert (above.min(axis=2) > 170).mean() < light / 4
+
+
+def _label_still(engine: TemplateRenderer, template: str, locale: Locale) -> tuple[np.ndarray, int, int]:
+    lt = engine.template(template)
+    _, stills = engine._shared_stills(lt, locale, engine._variant(lt.template, None, None))
+    label = stills[-1]
+    return label.image, label.x, label.y
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_templates_without_label_text_draw_the_default_label(engine: TemplateRenderer, template: str) -> None:
+    image, x, y = _label_still(engine, template, Locale.EN)
+    want, wx, wy = label_still(VISIBLE_AI_LABEL, Locale.EN, W, H)
+    assert (x, y) == (wx, wy) and np.array_equal(image, np.asarray(want))
+
+
+def test_a_templates_label_text_is_drawn_and_passes_the_label_check(tmp_path: Path) -> None:
+    text = "本片由AI生成 / Made with AI"
+    templates = tmp_path / "templates"
+    custom_label_template(templates, text)
+    eng = TemplateRenderer(tmp_path / "cache", size=(W, H), templates_dir=templates)
+    image, x, y = _label_still(eng, "custom-label", Locale.EN)
+    want, wx, wy = label_still(text, Locale.EN, W, H)
+    assert (x, y) == (wx, wy) and np.array_equal(image, np.asarray(want))
+    default, *_ = label_still(VISIBLE_AI_LABEL, Locale.EN, W, H)
+    assert image.shape != np.asarray(default).shape
+    res = eng.render(request("custom-label", Locale.EN), tmp_path / "out", stem="custom")
+    first = frame(res.video_path, 0.0, tmp_path).astype(np.uint8)
+    hit = LabelDetector(label_text=text).find(first)
+    assert hit is not None and hit.box is not None
+    assert abs(hit.box[0] - x) <= 6 and abs(hit.box[1] - y) <= 6
+    expected = expected_label_text(TemplateRef(name="custom-label"), templates)
+    assert expected == text
+    report = check_visible_label(res.video_path, Settings(data_dir=tmp_path), label_text=expected)
+    assert report.ok, report.message
 
 
 def test_subject_photo_is_shown_face_centred(

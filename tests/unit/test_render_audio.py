@@ -13,6 +13,7 @@ from pipeline.render.engine import make_cues, speech_parts
 from pipeline.render.templates import get_template
 from pipeline.render.tts import EspeakTTS, SpeechPart, voice_locale_for
 from schemas.common import Locale
+from schemas.template import MusicBed
 
 SR = 48_000
 
@@ -111,3 +112,11 @@ def test_mix_ducks_music_and_hits_the_loudness_target() -> None:
     assert env[int(1.0 * SR)] == pytest.approx(1.0) and env[int(6.0 * SR)] == pytest.approx(1.0)
     assert np.abs(np.diff(env)).max() < 0.001  # smooth ramps: no zipper clicks
     assert np.abs(m.samples[:5]).max() < 0.01 and np.abs(m.samples[-5:]).max() < 0.01
+
+
+def test_music_bed_levels() -> None:
+    bed = A.music_bed(MusicBed(), 6.0)
+    assert bed.shape == (6 * SR, 2)
+    assert np.abs(bed).max() == pytest.approx(10 ** (-3 / 20), rel=1e-6)
+    assert _db(bed) > -30
+    assert np.abs(bed[:10]).max() < 0.05 and np.abs(bed[-10:]).max() < 0.01  # no clicks

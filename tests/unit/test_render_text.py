@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.render.compose import box_px, draw_text, safe_area
+from pipeline.render.compose import box_px, draw_text
+from pipeline.render.draw import safe_area
 from pipeline.render.fonts import find_font_face, missing_glyphs
 from pipeline.render.layout import fit_block, tokens
 from pipeline.render.media import RenderError
@@ -58,6 +59,22 @@ def test_fit_block_wraps_cjk_and_latin_inside_the_box(text: str, locale: Locale)
         assert line[0] not in "，。！、」"  # no closing punctuation at a line start
     with pytest.raises(RenderError, match="does not fit"):
         fit_block(text * 4, face, max_width=200, max_height=40, max_size=40, min_size=30, max_lines=1)
+
+
+def test_fit_block_keeps_short_text_on_one_line_and_wraps_long_text_in_balance() -> None:
+    face = find_font_face("To Alexandra Papadopoulou", Locale.EN)
+    one = fit_block("To Bob", face, max_width=900, max_height=400, max_size=150, min_size=70)
+    assert one.lines == ("To Bob",) and one.size == 150
+    two = fit_block(
+        "To Alexandra Papadopoulou", face, max_width=900, max_height=400, max_size=150, min_size=70
+    )
+    assert two.lines == ("To Alexandra", "Papadopoulou")
+    cjk = find_font_face("給 歐陽諸葛司馬", Locale.ZH_HANT_HK)
+    assert fit_block(
+        "給 歐陽諸葛司馬", cjk, max_width=500, max_height=400, max_size=150, min_size=70
+    ).lines == ("給 歐陽", "諸葛司馬")
+    with pytest.raises(RenderError):
+        fit_block("W" * 40, face, max_width=100, max_height=50, max_size=150, min_size=70)
 
 
 @pytest.mark.parametrize(

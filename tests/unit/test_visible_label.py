@@ -9,12 +9,20 @@ import numpy as np
 import pytest
 from PIL import ImageDraw, ImageFont
 
-from pipeline.moderation.labels import LabelDetector, check_visible_label, visible_label_report
+from pipeline.moderation.labels import (
+    LabelDetector,
+    check_visible_label,
+    expected_label_text,
+    visible_label_report,
+)
 from pipeline.render.fonts import find_font_face
 from pipeline.settings import Settings
+from schemas.brief import TemplateRef
 from schemas.common import Locale
-from schemas.provenance import LabelSighting
-from tests.clips import frame, still_clip
+from schemas.provenance import VISIBLE_AI_LABEL, LabelSighting
+from tests.clips import custom_label_template, frame, still_clip
+
+CUSTOM_LABEL = "本片由AI生成 / Made with AI"
 
 
 @pytest.mark.parametrize(
@@ -81,3 +89,31 @@ def test_label_on_a_clip_for_too_short_a_time_fails(tmp_path: Path) -> None:
     bad = still_clip(tmp_path / "bad.mp4", frame(), 3.0, label_until=1.0, unlabelled=frame(label=False))
     report = check_visible_label(bad, settings)
     assert not report.ok and report.shown_from_start_s == pytest.approx(1.0, abs=0.1)
+
+
+def test_the_label_a_template_declares_is_the_one_looked_for() -> None:
+    default = np.asarray(frame(label_text=VISIBLE_AI_LABEL))
+    custom = np.asarray(frame(label_text=CUSTOM_LABEL))
+    assert LabelDetector().spec.text == VISIBLE_AI_LABEL
+    hit = LabelDetector(label_text=CUSTOM_LABEL).find(custom)
+    assert hit is not None and hit.score > 0.6
+    assert LabelDetector().find(default) is not None
+    # each text is told from the other
+    assert LabelDetector().find(custom) is None
+    assert LabelDetector(label_text=CUSTOM_LABEL).find(default) is None
+
+
+def test_expected_label_text_reads_the_template(tmp_path: Path) -> None:
+    custom_label_template(tmp_path, CUSTOM_LABEL)
+    assert expected_label_text(TemplateRef(name="custom-label"), tmp_path) == CUSTOM_LABEL
+    assert expected_label_text(TemplateRef(name="lunar-new-year"), tmp_path) == VISIBLE_AI_LABEL
+    assert expected_label_text() == VISIBLE_AI_LABEL
+    # a template that cannot be found: the default text, so a custom label fails the check
+    assert expected_label_text(TemplateRef(name="no-such-template"), tmp_path) == VISIBLE_AI_LABEL
+
+
+def test_a_clip_with_a_custom_label_passes_the_check_for_that_text(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    clip = still_clip(tmp_path / "custom.mp4", frame(label_text=CUSTOM_LABEL), 3.0)
+    report = check_visible_label(clip, settings, label_text=CUSTOM_LABEL)
+    assert report.ok and report.shown_from_start_s >= 2.0

@@ -33,6 +33,7 @@ from typing import Any
 from pipeline.adapters.storage import sha256_file
 from pipeline.errors import ConfigError, GreetflowError
 from pipeline.settings import Settings
+from schemas.brief import TemplateRef
 from schemas.provenance import (
     AIGC_METADATA_KEY,
     TRAINED_ALGORITHMIC_MEDIA,
@@ -464,13 +465,20 @@ def verify_clip(path: Path, settings: Settings, *, check_visible_label: bool = T
     path = Path(path)
     if not path.is_file():
         raise ProvenanceError(f"{path} is not a file")
+    aigc, raw = read_aigc_label(path)
+    c2 = read_c2pa(path, anchors_pem=trust_anchors(settings))
     visible: VisibleLabelReport | None = None
     if check_visible_label:
         from pipeline.moderation.labels import check_visible_label as check
+        from pipeline.moderation.labels import expected_label_text
 
-        visible = check(path, settings)
-    aigc, raw = read_aigc_label(path)
-    c2 = read_c2pa(path, anchors_pem=trust_anchors(settings))
+        # The label must read what the clip's template declares (named in the manifest).
+        name, _, version = str(c2.parameters.get("template", "")).partition("@")
+        try:
+            template = TemplateRef(name=name, version=version or "1") if name else None
+        except ValueError:
+            template = None
+        visible = check(path, settings, label_text=expected_label_text(template, settings.templates_dir))
     ok = (
         (visible is None or visible.ok)
         and aigc is not None

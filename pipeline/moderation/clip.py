@@ -12,23 +12,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.moderation.labels import LabelDetector, label_findings, visible_label_report
-from pipeline.moderation.likeness import (
+from pipeline.faces import (
     FaceEngine,
     FaceSighting,
     LikenessError,
-    References,
-    analysis_size,
     crop_jpeg,
     faces_in_frame,
     faces_in_photo,
-    likeness_findings,
     load_rgb,
-    sample_frames,
+    sample_clip,
 )
+from pipeline.moderation.labels import LabelDetector, label_findings, visible_label_report
+from pipeline.moderation.likeness import References, likeness_findings
 from pipeline.settings import Settings
 from schemas.events import Finding
-from schemas.provenance import LabelSighting, VisibleLabelReport
+from schemas.provenance import VISIBLE_AI_LABEL, LabelSighting, VisibleLabelReport
 
 
 @dataclass(frozen=True)
@@ -43,44 +41,36 @@ class ClipAnalysis:
 
 
 def analyze_clip(
-    video: Path, settings: Settings, engine: FaceEngine, *, keep_crops: bool = True
+    video: Path,
+    settings: Settings,
+    engine: FaceEngine,
+    *,
+    keep_crops: bool = True,
+    label_text: str = VISIBLE_AI_LABEL,
 ) -> ClipAnalysis:
-    """Sample `video` once; detect faces and the visible label in every sampled frame."""
-    from pipeline.render.media import RenderError, probe
+    """Sample `video` once; detect faces and the visible label (which must read
+    `label_text`, the job's template's label) in every sampled frame."""
+    from pipeline.render.media import RenderError
 
     t0 = time.monotonic()
-    try:
-        info = probe(video)
-    except RenderError as exc:
-        raise LikenessError(f"cannot read the clip {video.name}: {exc}") from exc
-    if not info.width or not info.height:
-        raise LikenessError(f"the clip {video.name} has no video stream")
-    w, h = analysis_size(info.width, info.height, settings.likeness_analysis_width)
-    detector = LabelDetector(threshold=settings.label_match_threshold)
+    clip = sample_clip(video, settings)
+    detector = LabelDetector(threshold=settings.label_match_threshold, label_text=label_text)
     sightings: list[FaceSighting] = []
     label_frames: list[tuple[float, LabelSighting | None]] = []
     try:
-        for fr in sample_frames(
-            video,
-            width=w,
-            height=h,
-            interval_s=settings.likeness_sample_interval_s,
-            scene_threshold=settings.likeness_scene_threshold,
-            max_frames=settings.likeness_max_frames,
-            dense_until_s=settings.label_min_seconds,
-        ):
+        for fr in clip.frames:
             sightings.extend(faces_in_frame(engine, fr, keep_crops=keep_crops))
             label_frames.append((fr.t, detector.find(fr.image, fr.t)))
     except RenderError as exc:
         raise LikenessError(f"cannot decode the clip {video.name}: {exc}") from exc
     return ClipAnalysis(
         frames_sampled=len(label_frames),
-        duration_s=info.duration_s,
-        width=info.width,
-        height=info.height,
+        duration_s=clip.duration_s,
+        width=clip.src_width,
+        height=clip.src_height,
         sightings=tuple(sightings),
         label=visible_label_report(
-            label_frames, duration_s=info.duration_s, required_s=settings.label_min_seconds
+            label_frames, duration_s=clip.duration_s, required_s=settings.label_min_seconds
         ),
         seconds=time.monotonic() - t0,
     )

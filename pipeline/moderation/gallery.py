@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipeline.errors import GreetflowError
-from pipeline.moderation.likeness import FaceEngine, LikenessError, reference_embedding
+from pipeline.faces import FaceEngine, LikenessError, reference_embedding
 from pipeline.repositories import FaceEmbedding, LikenessGallery, ProtectedFace
 from pipeline.settings import Settings
 from schemas.consent import ProtectedPersonView

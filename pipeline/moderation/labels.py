@@ -1,7 +1,9 @@
-"""The visible AI label: is 'AI生成 / AI-generated' on screen for the required time?
+"""The visible AI label: is it on screen for the required time?
 
 GB 45438 wants a visible label at the start of a generated video. The renderer draws the
-label text (light on a dark pill) near the top-left of the safe area. This module does
+label text that the clip's template declares (schemas.provenance.VISIBLE_AI_LABEL unless
+the template says otherwise), light on a dark pill, near the top-left of the safe area.
+The check looks for that same text (`expected_label_text`). This module does
 not depend on how: it renders the label text itself and finds it in sampled frames by
 normalised cross-correlation over a range of text sizes, anywhere in the top-left search
 region. So a template may move or resize the label and the check still holds; what it
@@ -10,6 +12,7 @@ assumes is the LabelSpec below (text, single line, light on darker, in the regio
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,30 +22,36 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.moderation.likeness import LikenessError
 from pipeline.settings import Settings
+from schemas.brief import TemplateRef
 from schemas.common import Locale
 from schemas.events import Finding, Severity
-from schemas.provenance import LabelSighting, VisibleLabelReport
+from schemas.provenance import VISIBLE_AI_LABEL, LabelSighting, VisibleLabelReport
 
-VISIBLE_LABEL_TEXT = "AI生成 / AI-generated"
+log = logging.getLogger(__name__)
 
 
-def label_text() -> str:
-    """The renderer's label text when it declares one (pipeline.render.simple.AI_LABEL)."""
+def expected_label_text(template: TemplateRef | None = None, templates_dir: Path | None = None) -> str:
+    """The label text a job's clip must show: what its template declares, else the default.
+
+    A template that cannot be loaded here gives the default text: a clip whose template
+    declared another label then fails the check (it never passes unchecked)."""
+    if template is None:
+        return VISIBLE_AI_LABEL
+    from pipeline.render.templates import TemplateError, get_template, label_text
+
     try:
-        from pipeline.render import simple
-    except ImportError:  # pragma: no cover - renderer not importable
-        return VISIBLE_LABEL_TEXT
-    text = getattr(simple, "AI_LABEL", VISIBLE_LABEL_TEXT)
-    return text if isinstance(text, str) and text else VISIBLE_LABEL_TEXT
+        return label_text(get_template(template, templates_dir).template)
+    except TemplateError as exc:
+        log.warning("label check of template %s uses the default label text: %s", template.name, exc)
+        return VISIBLE_AI_LABEL
 
 
 @dataclass(frozen=True)
 class LabelSpec:
     """Where and how large the visible label may be, as fractions of the frame."""
 
-    text: str = VISIBLE_LABEL_TEXT
+    text: str = VISIBLE_AI_LABEL
     # search region: x0, y0, x1, y1 as fractions of the frame width / height
     region: tuple[float, float, float, float] = (0.0, 0.0, 0.8, 0.3)
     # font size range, as a fraction of the frame height (the renderer draws 34/1920)
@@ -117,8 +126,11 @@ class LabelDetector:
 
     FINE = (0.94, 0.97, 1.0, 1.03, 1.06)
 
-    def __init__(self, spec: LabelSpec | None = None, *, threshold: float = 0.5) -> None:
-        self.spec = spec or LabelSpec(text=label_text())
+    def __init__(
+        self, spec: LabelSpec | None = None, *, threshold: float = 0.5, label_text: str = VISIBLE_AI_LABEL
+    ) -> None:
+        """`label_text`: the text to look for when no `spec` is given (see expected_label_text)."""
+        self.spec = spec or LabelSpec(text=label_text)
         self.threshold = threshold
         self._template = _template(self.spec.text)
         sizes = []
@@ -174,7 +186,8 @@ class LabelDetector:
             score, (bx, by), k = self._match(gray, size, h)
             if best is None or score > best[0]:
                 best = (score, size, (bx, by), k)
-        assert best is not None
+        if best is None:  # FINE is not empty: never happens
+            return None
         score, size, (bx, by), k = best
         if score < self.threshold:
             return None
@@ -242,25 +255,14 @@ def label_findings(report: VisibleLabelReport) -> list[Finding]:
     ]
 
 
-def check_visible_label(video: Path, settings: Settings) -> VisibleLabelReport:
-    """Sample a clip (densely over the label window) and judge its visible label."""
-    from pipeline.moderation.likeness import analysis_size, sample_frames
-    from pipeline.render.media import probe
+def check_visible_label(
+    video: Path, settings: Settings, *, label_text: str = VISIBLE_AI_LABEL
+) -> VisibleLabelReport:
+    """Sample a clip (densely over the label window) and judge its visible label, which must
+    read `label_text` (the clip's template's label: expected_label_text)."""
+    from pipeline.faces import sample_clip
 
-    info = probe(video)
-    if not info.width or not info.height:
-        raise LikenessError(f"{video} has no video stream")
-    w, h = analysis_size(info.width, info.height, settings.likeness_analysis_width)
-    detector = LabelDetector(threshold=settings.label_match_threshold)
-    frames: list[tuple[float, LabelSighting | None]] = []
-    for fr in sample_frames(
-        video,
-        width=w,
-        height=h,
-        interval_s=settings.likeness_sample_interval_s,
-        scene_threshold=settings.likeness_scene_threshold,
-        max_frames=settings.likeness_max_frames,
-        dense_until_s=settings.label_min_seconds,
-    ):
-        frames.append((fr.t, detector.find(fr.image, fr.t)))
-    return visible_label_report(frames, duration_s=info.duration_s, required_s=settings.label_min_seconds)
+    clip = sample_clip(video, settings)
+    detector = LabelDetector(threshold=settings.label_match_threshold, label_text=label_text)
+    frames = [(fr.t, detector.find(fr.image, fr.t)) for fr in clip.frames]
+    return visible_label_report(frames, duration_s=clip.duration_s, required_s=settings.label_min_seconds)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.faces import FaceEngine, face_engine, reference_embedding
 from pipeline.moderation.clip import analyze_clip, clip_findings, photo_sightings
-from pipeline.moderation.likeness import FaceEngine, References, face_engine, reference_embedding
+from pipeline.moderation.likeness import References
 from pipeline.moderation.policy import ModerationPolicy
 from pipeline.repositories import ProtectedFace
 from pipeline.settings import Settings

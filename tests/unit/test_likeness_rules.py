@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from pipeline.moderation.likeness import FaceSighting, References, likeness_findings
+from pipeline.faces import FaceSighting
+from pipeline.moderation.likeness import References, likeness_findings
 from pipeline.moderation.policy import ModerationPolicy
 from pipeline.repositories import ProtectedFace
 from schemas.events import Decision, Severity

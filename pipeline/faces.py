@@ -1,0 +1,360 @@
+"""Faces: find faces in photos and clips, embed them (dlib, 128-d) and measure distances.
+
+Models come from the face-recognition-models package (found without importing it: its
+__init__ imports pkg_resources) or from `settings.likeness_models_dir`. Nothing is
+downloaded. Detection is dlib's HOG frontal-face detector: fast on a CPU, blind to
+profiles and small faces, so a clip is sampled at a fixed analysis width (faces from
+about 80 px at that width). Consent (reference faces) and moderation (who is in a clip)
+both use this module; the rules that judge the faces live with them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import queue
+import re
+import subprocess
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.errors import ConfigError, PermanentError
+from pipeline.repositories import FaceEmbedding
+from pipeline.settings import Settings
+
+MODEL_NAME = "dlib-resnet-v1"
+"""Stored with every embedding: embeddings of different models never compare."""
+
+_MODEL_FILES = ("shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat")
+_HOG_WINDOW_PX = 80  # dlib's frontal detector finds faces from about this size
+
+
+class LikenessError(PermanentError):
+    """A photo or clip cannot be analysed (unreadable, no face, several faces...)."""
+
+
+def models_dir(override: Path | None = None) -> Path:
+    """Directory of the dlib model files (shape predictor, ResNet face encoder)."""
+    if override is not None:
+        d = Path(override)
+    else:
+        spec = importlib.util.find_spec("face_recognition_models")
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        if not locations:
+            raise ConfigError(
+                "the face-recognition-models package is not installed "
+                "(pip install face-recognition-models) and GREETFLOW_LIKENESS_MODELS_DIR is not set"
+            )
+        d = Path(locations[0]) / "models"
+    missing = [f for f in _MODEL_FILES if not (d / f).is_file()]
+    if missing:
+        raise ConfigError(f"dlib model files missing in {d}: {', '.join(missing)}")
+    return d
+
+
+@dataclass(frozen=True)
+class DetectedFace:
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in the analysed image's pixels
+    score: float
+    embedding: tuple[float, ...]
+
+    @property
+    def width(self) -> int:
+        return self.box[2] - self.box[0]
+
+
+class FaceEngine:
+    """dlib detector + 5-point landmarks + ResNet encoder, loaded once per process.
+
+    dlib objects are not documented as thread-safe, so calls are serialised.
+    """
+
+    def __init__(self, models: Path | None = None, *, min_score: float = 0.3) -> None:
+        import dlib
+
+        d = models_dir(models)
+        self.min_score = min_score
+        self._detector = dlib.get_frontal_face_detector()
+        self._shape = dlib.shape_predictor(str(d / _MODEL_FILES[0]))
+        self._encoder = dlib.face_recognition_model_v1(str(d / _MODEL_FILES[1]))
+        self._dlib = dlib
+        self._lock = threading.Lock()
+
+    def detect(self, rgb: np.ndarray, *, upsample: int = 0) -> list[DetectedFace]:
+        """Faces in an RGB uint8 image, highest detection score first."""
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError("detect() needs an RGB uint8 image of shape (h, w, 3)")
+        img = np.ascontiguousarray(rgb)
+        out: list[DetectedFace] = []
+        with self._lock:
+            rects, scores, _ = self._detector.run(img, upsample, 0.0)
+            for rect, score in zip(rects, scores, strict=True):
+                if score < self.min_score:
+                    continue
+                shape = self._shape(img, rect)
+                desc = self._encoder.compute_face_descriptor(img, shape)
+                box = (
+                    max(0, rect.left()),
+                    max(0, rect.top()),
+                    min(img.shape[1], rect.right()),
+                    min(img.shape[0], rect.bottom()),
+                )
+                out.append(DetectedFace(box=box, score=float(score), embedding=tuple(float(v) for v in desc)))
+        out.sort(key=lambda f: -f.score)
+        return out
+
+
+@lru_cache(maxsize=4)
+def face_engine(models: Path | None = None, min_score: float = 0.3) -> FaceEngine:
+    """The process-wide engine for these settings (loading the models takes ~0.4 s)."""
+    return FaceEngine(models, min_score=min_score)
+
+
+# --------------------------------------------------------------------------- photos
+
+
+def load_rgb(path: Path, *, max_side: int = 2000) -> np.ndarray:
+    """An image file as RGB uint8, EXIF-rotated, its long side capped at max_side."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im = im.convert("RGB")
+            if max(im.size) > max_side:
+                im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+            return np.asarray(im)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise LikenessError(f"cannot read image {path}: {exc}") from exc
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def faces_in_photo(engine: FaceEngine, path: Path) -> list[DetectedFace]:
+    """Faces in a photo; small photos are upsampled once so faces from ~40 px are found."""
+    rgb = load_rgb(path)
+    upsample = 1 if max(rgb.shape[:2]) < 1200 else 0
+    return engine.detect(rgb, upsample=upsample)
+
+
+def reference_embedding(engine: FaceEngine, path: Path) -> FaceEmbedding:
+    """The embedding of the one person in a consent or gallery photo.
+
+    Refuses a photo with no face or with several (crop it to the person).
+    """
+    faces = faces_in_photo(engine, path)
+    if not faces:
+        raise LikenessError(f"no face found in {path}: use a clear, frontal photo of the person")
+    if len(faces) > 1:
+        raise LikenessError(
+            f"{len(faces)} faces found in {path}: a reference photo must show only the person (crop it)"
+        )
+    return FaceEmbedding(
+        values=faces[0].embedding, model=MODEL_NAME, source_sha256=sha256_bytes(path.read_bytes())
+    )
+
+
+def distance(a: Sequence[float], b: Sequence[float]) -> float:
+    return float(np.linalg.norm(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)))
+
+
+def min_distance(probe: Sequence[float], refs: Sequence[Sequence[float]]) -> float:
+    if not refs:
+        return float("inf")
+    diff = np.asarray(refs, dtype=np.float64) - np.asarray(probe, dtype=np.float64)
+    return float(np.min(np.linalg.norm(diff, axis=1)))
+
+
+# --------------------------------------------------------------------------- clips
+
+
+@dataclass(frozen=True)
+class Frame:
+    t: float
+    image: np.ndarray  # RGB uint8 (h, w, 3) at the analysis size
+    scene_change: bool = False
+
+
+_PTS_TIME = re.compile(r"pts_time:\s*(-?[\d.]+)")
+
+
+def sample_frames(
+    video: Path,
+    *,
+    width: int,
+    height: int,
+    interval_s: float = 1.0,
+    scene_threshold: float = 0.3,
+    max_frames: int = 120,
+    dense_until_s: float = 0.0,
+    dense_interval_s: float = 0.5,
+    timeout_s: float = 300.0,
+) -> Iterator[Frame]:
+    """Decode sampled frames of `video`, scaled to width x height, one at a time.
+
+    Selected: the first frame, then one at least every `interval_s`, every frame whose
+    scene-change score exceeds `scene_threshold`, and one every `dense_interval_s`
+    before `dense_until_s` (the visible-label window). At most `max_frames`.
+    """
+    from pipeline.render.media import RenderError, ffmpeg_exe
+
+    def first_in_each(step: float) -> str:
+        # the first frame of every `step`-long slot of the timeline (no drift)
+        return f"gt(floor(t/{step:.4f})\\,floor(prev_selected_t/{step:.4f}))"
+
+    terms = ["isnan(prev_selected_t)", first_in_each(interval_s), f"gt(scene\\,{scene_threshold:.3f})"]
+    if dense_until_s > 0:
+        terms.append(f"lt(t\\,{dense_until_s:.3f})*{first_in_each(dense_interval_s)}")
+    vf = f"select='{'+'.join(terms)}',showinfo,scale={width}:{height}:flags=area,format=rgb24"
+    cmd = [
+        ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "info", "-i", str(video),
+        "-an", "-vf", vf, "-fps_mode", "passthrough", "-frames:v", str(max_frames),
+        "-f", "rawvideo", "-pix_fmt", "rgb24", "-",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    times: queue.Queue[float | None] = queue.Queue()
+    tail: list[str] = []
+
+    stderr, stdout = proc.stderr, proc.stdout
+    if stderr is None or stdout is None:
+        proc.kill()
+        raise RuntimeError("ffmpeg started without its output pipes")
+
+    def drain() -> None:
+        for raw in stderr:
+            line = raw.decode("utf-8", "replace")
+            if "Parsed_showinfo" in line:
+                m = _PTS_TIME.search(line)
+                if m:
+                    times.put(float(m[1]))
+            else:
+                tail.append(line)
+                del tail[:-40]
+        times.put(None)
+
+    reader = threading.Thread(target=drain, name="ffmpeg-stderr", daemon=True)
+    reader.start()
+    size = width * height * 3
+    killer = threading.Timer(timeout_s, proc.kill)
+    killer.start()
+    count = 0
+    try:
+        while True:
+            buf = stdout.read(size)
+            if not buf:
+                break
+            if len(buf) != size:
+                raise RenderError(f"short frame from ffmpeg while sampling {video}")
+            t = times.get(timeout=timeout_s)
+            if t is None:
+                raise RenderError(f"ffmpeg gave a frame without a timestamp while sampling {video}")
+            count += 1
+            yield Frame(t=t, image=np.frombuffer(buf, dtype=np.uint8).reshape(height, width, 3))
+        rc = proc.wait(timeout=timeout_s)
+        if rc != 0 or count == 0:
+            raise LikenessError(
+                f"cannot decode frames of {video} (ffmpeg exit {rc}): {''.join(tail[-8:]).strip()}"
+            )
+    finally:
+        killer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=5)
+
+
+def analysis_size(src_w: int, src_h: int, width: int) -> tuple[int, int]:
+    """Width x height (both even) that keeps the aspect ratio at the analysis width."""
+    w = max(2, width - width % 2)
+    h = max(2, round(src_h * w / src_w / 2) * 2)
+    return w, h
+
+
+@dataclass(frozen=True)
+class FaceSighting:
+    """One detected face in one sampled frame of a clip (or in the job's input photo)."""
+
+    t: float
+    box: tuple[int, int, int, int]
+    score: float
+    embedding: tuple[float, ...]
+    crop_jpeg: bytes | None = field(default=None, repr=False, compare=False)
+    source: str = "clip"  # clip | photo
+
+    @property
+    def where(self) -> str:
+        return "in the input photo" if self.source == "photo" else f"at {self.t:.1f}s"
+
+
+def crop_jpeg(image: np.ndarray, box: tuple[int, int, int, int], *, size: int = 192) -> bytes:
+    """A square JPEG around a face (with a margin) for the review queue."""
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    half = max(x1 - x0, y1 - y0) * 0.8
+    h, w = image.shape[:2]
+    left, top = int(max(0, cx - half)), int(max(0, cy - half))
+    right, bottom = int(min(w, cx + half)), int(min(h, cy + half))
+    im = Image.fromarray(image[top:bottom, left:right])
+    im.thumbnail((size, size), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    im.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def faces_in_frame(engine: FaceEngine, frame: Frame, *, keep_crops: bool = True) -> list[FaceSighting]:
+    out = []
+    for face in engine.detect(frame.image, upsample=0):
+        out.append(
+            FaceSighting(
+                t=frame.t,
+                box=face.box,
+                score=face.score,
+                embedding=face.embedding,
+                crop_jpeg=crop_jpeg(frame.image, face.box) if keep_crops else None,
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class ClipSampling:
+    """How a clip is sampled for analysis: the analysis size and the frame schedule."""
+
+    width: int
+    height: int
+    duration_s: float
+    src_width: int
+    src_height: int
+    frames: Iterator[Frame]
+
+
+def sample_clip(video: Path, settings: Settings) -> ClipSampling:
+    """Probe `video` and schedule its sampled frames at the settings' analysis width: every
+    `likeness_sample_interval_s`, every scene change, and densely over the label window.
+    Both the likeness and the visible-label checks read a clip through this."""
+    from pipeline.render.media import RenderError, probe
+
+    try:
+        info = probe(video)
+    except RenderError as exc:
+        raise LikenessError(f"cannot read the clip {video.name}: {exc}") from exc
+    if not info.width or not info.height:
+        raise LikenessError(f"the clip {video.name} has no video stream")
+    w, h = analysis_size(info.width, info.height, settings.likeness_analysis_width)
+    frames = sample_frames(
+        video,
+        width=w,
+        height=h,
+        interval_s=settings.likeness_sample_interval_s,
+        scene_threshold=settings.likeness_scene_threshold,
+        max_frames=settings.likeness_max_frames,
+        dense_until_s=settings.label_min_seconds,
+    )
+    return ClipSampling(w, h, info.duration_s, info.width, info.height, frames)

@@ -1,7 +1,7 @@
 """`consent_sweep`: daily, expire consents past expires_at and take their clips down.
 
-Thin: the task calls pipeline.moderation.expiry.run_consent_expiry (imported inside the
-task) with settings from Airflow connections / variables / GREETFLOW_ env. It also
+Thin: the task runs the consent sweep of a Container (pipeline.bootstrap.airflow_container,
+imported inside the task) from Airflow connections / variables / GREETFLOW_ env. It also
 re-checks every live clip, so a lost consent.events message cannot leave a clip up.
 """
 
@@ -25,10 +25,10 @@ from airflow.sdk import dag, task
 def consent_sweep() -> None:
     @task
     def expire_and_take_down() -> dict[str, object]:
-        from pipeline.adapters.airflow import airflow_settings
-        from pipeline.moderation.expiry import run_consent_expiry
+        from pipeline.bootstrap import airflow_container
 
-        report = run_consent_expiry(airflow_settings())
+        with airflow_container() as c:
+            report = c.consent_expiry()
         return {
             "summary": report.summary(),
             "expired_subjects": list(report.expired_subjects),

@@ -283,7 +283,8 @@ def iter_audience(
     if src.kind == "inline":
         yield from v.chunks(enumerate(brief.recipients, start=1))
         return
-    assert src.key is not None
+    if src.key is None:
+        raise AudienceError(f"audience {src.describe()} names no object key")
     if src.kind == "sql":
         query = store.get_bytes(settings.bucket_assets, src.key).decode("utf-8")
         url = settings.audience_database_url.get_secret_value() or settings.resolved_database_url

@@ -22,8 +22,8 @@ from datetime import datetime
 from pathlib import Path
 
 from pipeline.adapters.storage import ObjectStore, sha256_file
+from pipeline.consent.check import ConsentCheck
 from pipeline.keys import captions_key, clip_key, sidecar_of
-from pipeline.moderation.consent import consent_findings
 from pipeline.ports import EventPublisher
 from pipeline.provenance import GenerationInfo, SigningMaterial, label_and_sign
 from pipeline.repositories import (
@@ -34,6 +34,7 @@ from pipeline.repositories import (
     PublishedClipRepository,
 )
 from pipeline.settings import Settings
+from pipeline.steps import Step, claim_step
 from pipeline.topics import CLIPS_PUBLISHED, CLIPS_TAKEN_DOWN
 from schemas.common import utcnow
 from schemas.events import ClipPublished, ClipTakenDown, ConsentChanged, Decision, Envelope, ModerationDecided
@@ -61,6 +62,7 @@ class TakedownService:
         self.settings = settings
         self.jobs = jobs
         self.consents = consents
+        self._consent = ConsentCheck(consents)
         self.published = published
         self.subjects = subjects
         self.store = store
@@ -91,9 +93,7 @@ class TakedownService:
     ) -> bool:
         """Take the job's clip down when its consent, checked at `at` (now), is gone."""
         req = job.request
-        missing = consent_findings(
-            self.consents, req.subjects, campaign_id=req.campaign_id, at=at or utcnow()
-        )
+        missing = self._consent.findings(req.subjects, campaign_id=req.campaign_id, at=at or utcnow())
         if not missing:
             return False
         why = f"{reason}: " + "; ".join(f.message for f in missing)
@@ -167,6 +167,7 @@ class PublishService:
         self.settings = settings
         self.jobs = jobs
         self.consents = consents
+        self._consent = ConsentCheck(consents)
         self.published = published
         self.subjects = subjects
         self.store = store
@@ -186,42 +187,45 @@ class PublishService:
         if job.state == JobState.PUBLISHED:
             self._announce(job, env.trace_id)  # idempotent re-announce after a crash
             return
-        claimed = self.jobs.claim(
+        step = claim_step(
+            self.jobs,
             decided.job_id,
-            to_state=JobState.PUBLISHING,
             from_states=[JobState.APPROVED],
+            to_state=JobState.PUBLISHING,
             owner=self.owner,
             lease_s=self.lease_s,
         )
-        if claimed is None:
+        if step is None:
             log.info("publish %s: state %s, not claimable", decided.job_id, job.state)
             return
-        assert claimed.claim_token is not None
-        try:
-            self._publish(claimed, env.trace_id)
-        except Exception:
-            self.jobs.release(decided.job_id, claim_token=claimed.claim_token)
-            raise
+        with step:
+            published = self._publish(step)
+        if not published:
+            return
+        job_now = self.jobs.get(decided.job_id)
+        if job_now is None:
+            raise RuntimeError(f"publish {decided.job_id}: the job is gone right after it was published")
+        # A revocation between the consent check and the transition was not seen by the
+        # takedown worker (the job was not published yet): catch it here.
+        if self.takedown.take_down_if_unconsented(job_now, reason="consent changed while publishing"):
+            return
+        self._announce(job_now, env.trace_id)
 
-    def _publish(self, claimed: JobRecord, trace_id: str) -> None:
-        assert claimed.claim_token is not None
+    def _publish(self, step: Step) -> bool:
+        """Check consent, upload the labelled and signed clip, record it and move the job to
+        published (True), or to rejected when consent is gone (False)."""
+        claimed = step.job
         req = claimed.request
         job_id = claimed.job_id
         # Consent may have been revoked since moderation: check again right before writing.
-        blocking = consent_findings(self.consents, req.subjects, campaign_id=req.campaign_id, at=utcnow())
+        blocking = self._consent.findings(req.subjects, campaign_id=req.campaign_id, at=utcnow())
         if blocking:
             reason = "not published: " + "; ".join(f.message for f in blocking)
-            self.jobs.transition(
-                job_id,
-                to_state=JobState.REJECTED,
-                expected=JobState.PUBLISHING,
-                claim_token=claimed.claim_token,
-                reason=reason,
-                actor=self.owner,
-            )
+            step.finish(JobState.REJECTED, reason=reason)
             log.warning("publish %s: %s", job_id, reason)
-            return
-        if claimed.staging_key is None:
+            return False
+        staging_key = claimed.staging_key
+        if staging_key is None:
             raise RuntimeError(f"publish {job_id}: job has no staging object")
         key = clip_key(req.campaign_id, req.recipient.id, req.job_id)
         # Index the subjects BEFORE the object is public: a revocation must find it.
@@ -238,7 +242,7 @@ class PublishService:
         else:
             work = Path(tempfile.mkdtemp(prefix=f"publish-{job_id}-", dir=self._work_root()))
             try:
-                prepared = self._prepare(claimed, key, work)
+                prepared = self._prepare(claimed, staging_key, key, work)
                 self.store.put_file(
                     bucket,
                     key,
@@ -251,32 +255,13 @@ class PublishService:
                 shutil.rmtree(work, ignore_errors=True)
         url = self.store.public_url(key)
         self.published.record(job_id, key, url, sha)
-        won = self.jobs.transition(
-            job_id,
-            to_state=JobState.PUBLISHED,
-            expected=JobState.PUBLISHING,
-            claim_token=claimed.claim_token,
-            actor=self.owner,
-            published_key=key,
-            url=url,
-        )
-        if not won:
-            log.warning("publish %s: lost the claim before recording", job_id)
-            return
-        job_now = self.jobs.get(job_id)
-        assert job_now is not None
-        # A revocation between the check above and the transition was not seen by the
-        # takedown worker (the job was not published yet): catch it here.
-        if self.takedown.take_down_if_unconsented(job_now, reason="consent changed while publishing"):
-            return
-        self._announce(job_now, trace_id)
+        return step.finish(JobState.PUBLISHED, published_key=key, url=url)
 
-    def _prepare(self, job: JobRecord, key: str, work: Path) -> _Prepared:
+    def _prepare(self, job: JobRecord, staging_key: str, key: str, work: Path) -> _Prepared:
         """Download the rendered clip, write the AIGC label, sign C2PA (last)."""
-        assert job.staging_key is not None
-        staging = self.store.get_file(self.settings.bucket_staging, job.staging_key, work / "rendered.mp4")
+        staging = self.store.get_file(self.settings.bucket_staging, staging_key, work / "rendered.mp4")
         rendered_sha = sha256_file(staging)
-        meta = self.store.stat(self.settings.bucket_staging, job.staging_key)
+        meta = self.store.stat(self.settings.bucket_staging, staging_key)
         model = (meta.metadata.get("generator") if meta else None) or self.settings.generator_model
         label = AigcLabel(
             content_producer=self.settings.content_producer,

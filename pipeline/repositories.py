@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from pipeline.adapters.db import (
     ConsentChallengeRow,
@@ -36,10 +38,18 @@ from schemas.jobs import FINAL_STATES, JobState, can_transition
 
 Clock = Callable[[], datetime]
 ConsentAction = Literal["grant", "revoke", "expire"]
-ANY_PURPOSE = "*"
 
-JOB_FIELDS: frozenset[str] = frozenset({"staging_key", "poster_key", "published_key", "url"})
-"""Columns that `JobRepository.transition` may set besides the state."""
+
+class JobFields(TypedDict, total=False):
+    """Columns that `JobRepository.transition` may set besides the state."""
+
+    staging_key: str | None
+    poster_key: str | None
+    published_key: str | None
+    url: str | None
+
+
+JOB_FIELDS: frozenset[str] = frozenset(JobFields.__annotations__)
 
 
 def _job_key(job_id: uuid.UUID | str) -> str:
@@ -405,12 +415,18 @@ class JobRepository:
         claim_token: str | None = None,
         reason: str | None = None,
         actor: str = "system",
-        **fields: str | None,
+        session: Session | None = None,
+        where: Sequence[ColumnElement[bool]] = (),
+        at: datetime | None = None,
+        **fields: Unpack[JobFields],
     ) -> bool:
         """CAS `expected` -> `to_state` (and the claim token, when given); releases the lease.
 
         `fields` may set staging_key, poster_key, published_key and url. Returns whether
-        this call won.
+        this call won. With `session`, the change is part of the caller's transaction, so
+        that other writes commit or roll back with it; `where` adds conditions the UPDATE
+        must also meet (e.g. a reviewer's live lease); `at` is the time recorded (default:
+        the clock).
         """
         if not can_transition(expected, to_state):
             raise ValueError(f"illegal transition {expected} -> {to_state}")
@@ -418,8 +434,8 @@ class JobRepository:
         if unknown:
             raise TypeError(f"transition() cannot set {sorted(unknown)}; allowed: {sorted(JOB_FIELDS)}")
         key = _job_key(job_id)
-        now = self._clock()
-        conds = [JobRow.job_id == key, JobRow.state == expected.value]
+        now = at or self._clock()
+        conds = [JobRow.job_id == key, JobRow.state == expected.value, *where]
         if claim_token is not None:
             conds.append(JobRow.claim_token == claim_token)
         values: dict[str, Any] = {
@@ -432,7 +448,7 @@ class JobRepository:
         }
         if reason is not None:
             values["reason"] = reason
-        with self._db.session() as s:
+        with nullcontext(session) if session is not None else self._db.session() as s:
             result = s.execute(
                 update(JobRow).where(*conds).values(**values).execution_options(synchronize_session=False)
             )
@@ -440,6 +456,21 @@ class JobRepository:
                 return False
             s.add(_event(key, expected, to_state, reason, actor, now))
         return True
+
+    def renew(self, job_id: uuid.UUID | str, *, claim_token: str, lease_s: float) -> bool:
+        """Extend a live claim: the lease now ends `lease_s` from now. False when the claim
+        is gone (released, transitioned, or taken over after its lease expired)."""
+        if lease_s <= 0:
+            raise ValueError("lease_s must be positive")
+        now = self._clock()
+        with self._db.session() as s:
+            result = s.execute(
+                update(JobRow)
+                .where(JobRow.job_id == _job_key(job_id), JobRow.claim_token == claim_token)
+                .values(lease_expires_at=now + timedelta(seconds=lease_s))
+                .execution_options(synchronize_session=False)
+            )
+            return _rowcount(result) == 1
 
     def release(self, job_id: uuid.UUID | str, *, claim_token: str) -> bool:
         """Give up a claim and keep the state: the lease ends now, so a retry of the same
@@ -519,7 +550,7 @@ class JobRepository:
                 counts[JobState(state)] = int(n)
         return counts
 
-    # --- batched reads for campaign runs and reports (issue 6, pipeline/campaign_runs.py) ---
+    # --- batched reads for campaign runs and reports (pipeline/campaign_runs.py) ---
     _IN_CHUNK = 500  # ids per IN (...) list: well inside SQLite's and PostgreSQL's limits
 
     def states_of(self, job_ids: Iterable[uuid.UUID | str]) -> dict[uuid.UUID, JobState]:
@@ -743,43 +774,6 @@ class ConsentRepository:
                 .order_by(ConsentRow.created_at, ConsentRow.granted_at, ConsentRow.record_id)
             )
             return [ConsentRecord._from_row(r) for r in rows]
-
-    def effective_grants(self, subject_id: str, at: datetime) -> list[ConsentRecord]:
-        """The grants in force at `at`, each narrowed to the scopes still granted.
-
-        A grant is in force from its `granted_at` until its `expires_at`. A record that
-        took effect by `at` and names it in `supersedes` ends it entirely. A revoke or
-        expire record with no `supersedes` removes the scopes it lists from every grant
-        of the subject that took effect before (or at) it, whatever the purpose:
-        withdrawing consent is never narrower than the person meant.
-        """
-        if at.tzinfo is None:
-            raise ValueError("`at` must be timezone-aware")
-        history = [r for r in self.records(subject_id) if r.granted_at <= at]
-        ended = {r.supersedes for r in history if r.supersedes is not None}
-        blanket = [r for r in history if r.action != "grant" and r.supersedes is None]
-        out: list[ConsentRecord] = []
-        for g in history:
-            if g.action != "grant" or g.record_id in ended or not g.active_at(at):
-                continue
-            scopes = set(g.scopes)
-            for rv in blanket:
-                if g.granted_at <= rv.granted_at:
-                    scopes -= rv.scopes
-            if scopes:
-                out.append(g if scopes == g.scopes else replace(g, scopes=frozenset(scopes)))
-        return out
-
-    def covers(self, subject_id: str, scopes: Iterable[Scope], purpose: str, at: datetime) -> bool:
-        """Every scope is granted, at `at`, by some grant for `purpose` or for any purpose ("*")."""
-        wanted = {Scope(sc) for sc in scopes}
-        if not wanted:
-            raise ValueError("covers() needs at least one scope")
-        granted: set[Scope] = set()
-        for g in self.effective_grants(subject_id, at):
-            if g.purpose in (purpose, ANY_PURPOSE):
-                granted |= g.scopes
-        return wanted <= granted
 
     def list_subjects(self) -> list[str]:
         with self._db.session() as s:

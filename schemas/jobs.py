@@ -1,4 +1,4 @@
-"""Job states and the allowed transitions (DESIGN.md, "Job states")."""
+"""Job states and the allowed transitions; the database enforces them with compare-and-set."""
 
 from __future__ import annotations
 

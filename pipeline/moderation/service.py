@@ -18,10 +18,12 @@ from datetime import datetime
 from pathlib import Path
 
 from pipeline.adapters.storage import ObjectStore, sha256_file, validate_key
+from pipeline.consent.check import ConsentCheck
 from pipeline.errors import PermanentError
+from pipeline.faces import FaceEngine, FaceSighting
 from pipeline.moderation.clip import analyze_clip, clip_findings, photo_sightings
-from pipeline.moderation.consent import consent_findings, consented_face_references
-from pipeline.moderation.likeness import FaceEngine, FaceSighting, References
+from pipeline.moderation.labels import expected_label_text
+from pipeline.moderation.likeness import References
 from pipeline.moderation.policy import ModerationPolicy, summarize
 from pipeline.moderation.text import AbuseLists, text_fields, text_findings
 from pipeline.ports import EventPublisher
@@ -33,6 +35,7 @@ from pipeline.repositories import (
     ModerationResultRepository,
 )
 from pipeline.settings import Settings
+from pipeline.steps import claim_step
 from pipeline.topics import MODERATION_DECISIONS
 from schemas.common import Scope, utcnow
 from schemas.events import (
@@ -82,6 +85,7 @@ class ModerationService:
         self.settings = settings
         self.jobs = jobs
         self.consents = consents
+        self._consent = ConsentCheck(consents)
         self.results = results
         self.gallery = gallery
         self.store = store
@@ -105,35 +109,23 @@ class ModerationService:
                 found = last.findings if last else ()
                 self._announce(job, Decision.APPROVED, found, job.reason or "", env.trace_id)
             return
-        claimed = self.jobs.claim(
+        step = claim_step(
+            self.jobs,
             clip.job_id,
-            to_state=JobState.MODERATING,
             from_states=[JobState.RENDERED],
+            to_state=JobState.MODERATING,
             owner=self.owner,
             lease_s=self.lease_s,
         )
-        if claimed is None:
+        if step is None:
             log.info("moderate %s: state %s, not claimable", clip.job_id, job.state)
             return
-        assert claimed.claim_token is not None
-        try:
-            findings = self._moderate(claimed, clip)
-        except Exception:
-            # Let the retry (or the next delivery) claim the job again straight away.
-            self.jobs.release(clip.job_id, claim_token=claimed.claim_token)
-            raise
-        findings = self.policy.apply(findings)
-        decision = self.policy.decide(findings)
-        reason = summarize(findings)
-        self.results.record(clip.job_id, decision, findings, decided_by=self.owner, reason=reason)
-        won = self.jobs.transition(
-            clip.job_id,
-            to_state=JobState(decision.value),
-            expected=JobState.MODERATING,
-            claim_token=claimed.claim_token,
-            reason=reason or None,
-            actor=self.owner,
-        )
+        with step:
+            findings = self.policy.apply(self._moderate(step.job, clip))
+            decision = self.policy.decide(findings)
+            reason = summarize(findings)
+            self.results.record(clip.job_id, decision, findings, decided_by=self.owner, reason=reason)
+            won = step.finish(JobState(decision.value), reason=reason or None)
         if won:
             log.info(
                 "moderate %s: %s (%s)",
@@ -141,14 +133,12 @@ class ModerationService:
                 decision.value,
                 reason or f"{len(findings)} findings, all info",
             )
-            self._announce(claimed, decision, findings, reason, env.trace_id)
+            self._announce(step.job, decision, findings, reason, env.trace_id)
 
     def _moderate(self, job: JobRecord, clip: ClipRendered) -> list[Finding]:
         req = job.request
         now = utcnow()
-        findings: list[Finding] = consent_findings(
-            self.consents, req.subjects, campaign_id=req.campaign_id, at=now
-        )
+        findings: list[Finding] = self._consent.findings(req.subjects, campaign_id=req.campaign_id, at=now)
         findings.extend(
             text_findings(
                 text_fields(req),
@@ -163,12 +153,15 @@ class ModerationService:
             photo = self._fetch_photo(req, work)
             engine = self._faces()
             t0 = time.monotonic()
-            analysis = analyze_clip(video, self.settings, engine)
+            analysis = analyze_clip(
+                video,
+                self.settings,
+                engine,
+                label_text=expected_label_text(req.template, self.settings.templates_dir),
+            )
             extra: list[FaceSighting] = photo_sightings(engine, photo) if photo is not None else []
             refs = References(
-                consented=consented_face_references(
-                    self.consents, req.subjects, campaign_id=req.campaign_id, at=now
-                ),
+                consented=self._consent.face_references(req.subjects, campaign_id=req.campaign_id, at=now),
                 protected=self.gallery.faces(),
             )
             face_subjects = [u.subject_id for u in req.subjects if Scope.FACE in u.scopes]

@@ -13,6 +13,7 @@ from pipeline.keys import captions_key, clip_key, poster_key
 from pipeline.ports import EventPublisher, Renderer
 from pipeline.repositories import JobRepository
 from pipeline.settings import Settings
+from pipeline.steps import claim_step
 from pipeline.topics import RENDER_RESULTS
 from schemas.events import ClipRendered, Envelope, RenderRequested
 from schemas.jobs import JobState
@@ -47,7 +48,8 @@ class RenderService:
         req = env.payload
         self.jobs.create_if_absent(req)  # requests may come straight from an app, not a brief
         job = self.jobs.get(req.job_id)
-        assert job is not None
+        if job is None:
+            raise RuntimeError(f"render {req.job_id}: the job is gone right after it was created")
         if job.state in _AFTER_RENDER:
             log.info("render %s: already %s, nothing to do", req.job_id, job.state)
             return
@@ -55,16 +57,25 @@ class RenderService:
             # We crashed after recording the render but before announcing it: announce again.
             self._announce(req, env.trace_id)
             return
-        claimed = self.jobs.claim(
+        step = claim_step(
+            self.jobs,
             req.job_id,
-            to_state=JobState.RENDERING,
             from_states=[JobState.REQUESTED],
+            to_state=JobState.RENDERING,
             owner=self.owner,
             lease_s=self.lease_s,
         )
-        if claimed is None:
+        if step is None:
             log.info("render %s: another worker holds it", req.job_id)
             return
+        with step:
+            vkey, pkey = self._render(req)
+            won = step.finish(JobState.RENDERED, staging_key=vkey, poster_key=pkey)
+        if won:
+            self._announce(req, env.trace_id)
+
+    def _render(self, req: RenderRequested) -> tuple[str, str]:
+        """Render and upload to staging; the clip's and the poster's keys."""
         work = Path(tempfile.mkdtemp(prefix=f"render-{req.job_id}-", dir=self._work_root()))
         try:
             clip = self.renderer(req, work, self._fetch_photo(req, work))
@@ -86,19 +97,7 @@ class RenderService:
                 self.store.put_file(bucket, ckey, captions, content_type="text/vtt; charset=utf-8")
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        won = self.jobs.transition(
-            req.job_id,
-            to_state=JobState.RENDERED,
-            expected=JobState.RENDERING,
-            claim_token=claimed.claim_token,
-            actor=self.owner,
-            staging_key=vkey,
-            poster_key=pkey,
-        )
-        if not won:
-            log.warning("render %s: lost the job while rendering (lease expired?)", req.job_id)
-            return
-        self._announce(req, env.trace_id)
+        return vkey, pkey
 
     def _fetch_photo(self, req: RenderRequested, work: Path) -> Path | None:
         key = req.recipient.photo_key

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import and_, delete, exists, func, select, update
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -33,10 +33,10 @@ from pipeline.adapters.db import (
     ReviewLeaseRow,
     ReviewSessionRow,
 )
-from pipeline.repositories import Clock, JobRecord, ModerationResult, _event, _job_key, _rowcount
+from pipeline.repositories import Clock, JobRecord, JobRepository, ModerationResult, _job_key, _rowcount
 from schemas.common import utcnow
 from schemas.events import Decision, Finding
-from schemas.jobs import JobState, can_transition
+from schemas.jobs import JobState
 
 Role = Literal["reviewer", "lead"]
 ROLES: tuple[Role, ...] = ("reviewer", "lead")
@@ -155,6 +155,9 @@ class ReviewRepository:
     def __init__(self, db: Database, *, clock: Clock = utcnow) -> None:
         self._db = db
         self._clock = clock
+        # Job states change only through JobRepository (can_transition), here inside the
+        # transaction that also writes the review records.
+        self._jobs = JobRepository(db, clock=clock)
 
     def now(self) -> datetime:
         return self._clock()
@@ -435,13 +438,9 @@ class ReviewRepository:
         key = _job_key(job_id)
         now = self._clock()
         to_state = JobState(decision.value)
-        conds = [
-            JobRow.job_id == key,
-            JobRow.state == JobState.NEEDS_REVIEW.value,
-            self._holds_lease(key, reviewer, now),
-        ]
+        guards = [self._holds_lease(key, reviewer, now)]
         if require_pending_by_other:
-            conds.append(
+            guards.append(
                 exists().where(
                     ReviewCaseRow.job_id == key,
                     ReviewCaseRow.pending_approval_by.is_not(None),
@@ -450,22 +449,17 @@ class ReviewRepository:
             )
         actor = f"review:{reviewer}"
         with self._db.session() as s:
-            result = s.execute(
-                update(JobRow)
-                .where(and_(*conds))
-                .values(
-                    state=to_state.value,
-                    reason=reason,
-                    claim_token=None,
-                    claimed_by=None,
-                    lease_expires_at=None,
-                    updated_at=now,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            if _rowcount(result) != 1:
+            if not self._jobs.transition(
+                key,
+                to_state=to_state,
+                expected=JobState.NEEDS_REVIEW,
+                reason=reason,
+                actor=actor,
+                session=s,
+                where=guards,
+                at=now,
+            ):
                 return False
-            s.add(_event(key, JobState.NEEDS_REVIEW, to_state, reason, actor, now))
             s.add(
                 ModerationResultRow(
                     job_id=key,
@@ -482,20 +476,20 @@ class ReviewRepository:
 
     def reopen(self, job_id: uuid.UUID | str, lead: str, reason: str, findings: Sequence[Finding]) -> bool:
         """An appeal: rejected -> needs_review (CAS), as a four-eyes case."""
-        assert can_transition(JobState.REJECTED, JobState.NEEDS_REVIEW)
         key = _job_key(job_id)
         now = self._clock()
         actor = f"review:{lead}"
         with self._db.session() as s:
-            result = s.execute(
-                update(JobRow)
-                .where(JobRow.job_id == key, JobRow.state == JobState.REJECTED.value)
-                .values(state=JobState.NEEDS_REVIEW.value, reason=reason, updated_at=now)
-                .execution_options(synchronize_session=False)
-            )
-            if _rowcount(result) != 1:
+            if not self._jobs.transition(
+                key,
+                to_state=JobState.NEEDS_REVIEW,
+                expected=JobState.REJECTED,
+                reason=reason,
+                actor=actor,
+                session=s,
+                at=now,
+            ):
                 return False
-            s.add(_event(key, JobState.REJECTED, JobState.NEEDS_REVIEW, reason, actor, now))
             s.add(
                 ModerationResultRow(
                     job_id=key,

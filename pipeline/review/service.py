@@ -162,19 +162,6 @@ class ReviewService:
         self.store = store
         self.events = events
 
-    @classmethod
-    def from_container(cls, c: Any) -> ReviewService:
-        """Built from a pipeline.bootstrap.Container (its database, store and lazy bus)."""
-        return cls(
-            c.settings,
-            ReviewRepository(c.db),
-            c.jobs,
-            c.moderation_results,
-            c.consents,
-            c.store,
-            c.events,
-        )
-
     # --- reviewers and sessions ---
 
     def add_user(self, name: str, role: Role, password: str) -> bool:
@@ -433,9 +420,8 @@ class ReviewService:
         if job is None:
             raise CaseNotFound(f"no job {job_id}")
         result = self.results.latest(job_id)
-        if not self._reopenable(job, result):
+        if result is None or not self._reopenable(job, result):
             raise Conflict("only an automatic rejection for likeness alone can be reopened")
-        assert result is not None
         if not self.repo.reopen(job_id, who.reviewer, reason[:MAX_REASON_CHARS], result.findings):
             raise Conflict(f"case {job_id} changed meanwhile")
         return Outcome(job_id, "reopened", who.reviewer)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.bootstrap import Container
-from pipeline.moderation.consent import ConsentError, ConsentService
+from pipeline.consent.service import ConsentError, ConsentService
 from pipeline.moderation.gallery import GalleryError
 from pipeline.render.media import run_ffmpeg
 from pipeline.topics import CONSENT_EVENTS

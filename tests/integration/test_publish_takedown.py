@@ -14,7 +14,6 @@ import consumers.takedown
 from pipeline.adapters.storage import sha256_file
 from pipeline.bootstrap import Container
 from pipeline.keys import captions_key, clip_key
-from pipeline.moderation.expiry import run_consent_expiry
 from pipeline.provenance import read_aigc_label, read_c2pa, trust_anchors
 from pipeline.publish import PublishService
 from pipeline.repositories import ConsentRecord
@@ -171,7 +170,7 @@ def test_daily_expiry_takes_down_expired_and_orphaned_clips(container: Container
     import time
 
     time.sleep(4.5)
-    report = run_consent_expiry(container.settings)
+    report = container.consent_expiry()
     assert report.expired_subjects == ("short-lived",)
     assert set(report.taken_down) == {reqs["short-lived"].job_id, reqs["lost-event"].job_id}
     assert state(container, reqs["still-fine"].job_id) == JobState.PUBLISHED
@@ -179,7 +178,7 @@ def test_daily_expiry_takes_down_expired_and_orphaned_clips(container: Container
         clip_key(CAMPAIGN, "r-still-fine", reqs["still-fine"].job_id),
         captions_key(CAMPAIGN, "r-still-fine", reqs["still-fine"].job_id),
     ]
-    again = run_consent_expiry(container.settings)
+    again = container.consent_expiry()
     assert again.expired_records == () and again.taken_down == ()
     expire_events = [
         json.loads(r.value)["payload"] for r in consume_all(container.settings, CONSENT_EVENTS, expect=1)

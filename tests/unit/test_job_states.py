@@ -1,4 +1,4 @@
-"""The job state machine (DESIGN.md, "Job states")."""
+"""The job state machine: allowed transitions, final states, failure from anywhere."""
 
 from __future__ import annotations
 

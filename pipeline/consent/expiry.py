@@ -1,4 +1,5 @@
-"""The daily consent sweep (the consent_expiry Airflow DAG calls `run_consent_expiry`).
+"""The daily consent sweep (the consent_sweep Airflow DAG runs it through
+`Container.consent_expiry`).
 
 1. Every grant past its expires_at gets an `expire` record (append-only), its reference
    faces are deleted, and the change is emitted on consent.events.
@@ -12,12 +13,21 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
-from pipeline.moderation.consent import ConsentService
-from pipeline.publish import TakedownService
-from pipeline.settings import Settings
+from pipeline.consent.service import ConsentService
 
 log = logging.getLogger(__name__)
+
+
+class Takedown(Protocol):
+    """What the sweep needs from the takedown side (pipeline.publish.TakedownService)."""
+
+    def take_down_subject(
+        self, subject_id: str, *, reason: str, trace_id: str | None = None, at: datetime | None = None
+    ) -> list[uuid.UUID]: ...
+
+    def sweep(self, *, trace_id: str | None = None, at: datetime | None = None) -> list[uuid.UUID]: ...
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,7 @@ class ExpiryReport:
 
 
 def expire_consents(
-    consents: ConsentService, takedown: TakedownService, *, now: datetime | None = None
+    consents: ConsentService, takedown: Takedown, *, now: datetime | None = None
 ) -> ExpiryReport:
     """Expire due grants and take down every clip whose consent is gone. Idempotent.
 
@@ -54,16 +64,3 @@ def expire_consents(
     )
     log.info("consent expiry: %s", report.summary())
     return report
-
-
-def run_consent_expiry(settings: Settings | None = None, *, now: datetime | None = None) -> ExpiryReport:
-    """Entry point for the daily DAG task: wire the services from settings, sweep, close."""
-    from pipeline.bootstrap import Container, worker_name
-
-    container = Container(settings) if settings is not None else Container()
-    try:
-        return expire_consents(
-            container.consent_service(), container.takedown_service(worker_name("consent-expiry")), now=now
-        )
-    finally:
-        container.close()

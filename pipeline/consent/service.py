@@ -1,15 +1,11 @@
-"""Consent: the rule every clip must pass, and the service that records consent.
+"""The consent ledger service.
 
-The rule: every real person a clip uses has a valid, unexpired, unrevoked consent for
-this use (its purpose) covering each scope the clip uses (a photo needs face, a cloned
-voice needs voice).
-
-The service: `challenge` issues a short-lived code; `grant` records a consent only with
-an evidence artifact (a consent video, a photo of a signed form, a signed text) and the
-code, computes the subject's reference face from the consented photo, and stores both
-with the grant in one transaction; `revoke` and `expire_due` append records that end
-grants and delete the reference faces that no grant in force needs any more. Every
-change is emitted on consent.events, where the takedown worker picks it up.
+`challenge` issues a short-lived code; `grant` records a consent only with an evidence
+artifact (a consent video, a photo of a signed form, a signed text) and the code, computes
+the subject's reference face from the consented photo, and stores both with the grant in
+one transaction; `revoke` and `expire_due` append records that end grants and delete the
+reference faces that no grant in force needs any more. Every change is emitted on
+consent.events, where the takedown worker picks it up.
 """
 
 from __future__ import annotations
@@ -27,8 +23,9 @@ from pathlib import Path
 from pydantic import TypeAdapter, ValidationError
 
 from pipeline.adapters.storage import ObjectStore, sha256_file
+from pipeline.consent.rules import ANY_PURPOSE, campaign_purpose, effective_grants, unneeded_faces
 from pipeline.errors import GreetflowError
-from pipeline.moderation.likeness import (
+from pipeline.faces import (
     FaceEngine,
     LikenessError,
     analysis_size,
@@ -40,7 +37,6 @@ from pipeline.moderation.likeness import (
 )
 from pipeline.ports import EventPublisher
 from pipeline.repositories import (
-    ANY_PURPOSE,
     ConsentChallenge,
     ConsentRecord,
     ConsentRepository,
@@ -50,10 +46,9 @@ from pipeline.repositories import (
 )
 from pipeline.settings import Settings
 from pipeline.topics import CONSENT_EVENTS
-from schemas.brief import SubjectUse
 from schemas.common import Scope, Slug, utcnow
 from schemas.consent import ConsentChallengeView, ConsentRecordView, SubjectConsentView
-from schemas.events import ConsentChanged, Finding, Severity
+from schemas.events import ConsentChanged
 
 log = logging.getLogger(__name__)
 
@@ -68,57 +63,6 @@ _SLUG = TypeAdapter(Slug)
 
 class ConsentError(GreetflowError):
     """A consent operation was refused; the message says why and what to do."""
-
-
-def campaign_purpose(campaign_id: str) -> str:
-    return f"campaign:{campaign_id}"
-
-
-def consent_findings(
-    consents: ConsentRepository,
-    subjects: tuple[SubjectUse, ...],
-    *,
-    campaign_id: str,
-    at: datetime,
-) -> list[Finding]:
-    findings: list[Finding] = []
-    purpose = campaign_purpose(campaign_id)
-    for use in subjects:
-        missing = sorted(s.value for s in use.scopes if not consents.covers(use.subject_id, [s], purpose, at))
-        if missing:
-            findings.append(
-                Finding(
-                    kind="consent_missing",
-                    severity=Severity.BLOCK,
-                    message=(
-                        f"subject {use.subject_id} has no valid consent for {', '.join(missing)} ({purpose})"
-                    ),
-                    evidence={"subject_id": use.subject_id, "scopes": missing, "purpose": purpose},
-                )
-            )
-    return findings
-
-
-def consented_face_references(
-    consents: ConsentRepository,
-    subjects: Iterable[SubjectUse],
-    *,
-    campaign_id: str,
-    at: datetime,
-) -> dict[str, list[tuple[float, ...]]]:
-    """Reference embeddings of the job's subjects whose face consent for this use is in force."""
-    purpose = campaign_purpose(campaign_id)
-    by_record: dict[uuid.UUID, str] = {}
-    for use in subjects:
-        if Scope.FACE not in use.scopes:
-            continue
-        for g in consents.effective_grants(use.subject_id, at):
-            if Scope.FACE in g.scopes and g.purpose in (purpose, ANY_PURPOSE):
-                by_record[g.record_id] = use.subject_id
-    out: dict[str, list[tuple[float, ...]]] = {}
-    for record_id, embs in consents.subject_faces(by_record).items():
-        out.setdefault(by_record[record_id], []).extend(embs)
-    return out
 
 
 def new_code(length: int = CODE_LENGTH) -> str:
@@ -451,9 +395,9 @@ class ConsentService:
         with_faces = self.consents.face_record_ids(subject_id)
         if not with_faces:
             return 0
-        live = {g.record_id for g in self.consents.effective_grants(subject_id, at) if Scope.FACE in g.scopes}
-        future = {r.record_id for r in self.consents.records(subject_id) if r.granted_at > at}
-        return self.consents.delete_subject_faces(with_faces - live - future)
+        return self.consents.delete_subject_faces(
+            unneeded_faces(self.consents.records(subject_id), with_faces, at)
+        )
 
     # ----------------------------------------------------------------- read
 
@@ -461,7 +405,7 @@ class ConsentService:
         subject_id = _subject(subject_id)
         now = at or self._clock()
         records = self.consents.records(subject_id)
-        effective = self.consents.effective_grants(subject_id, now)
+        effective = effective_grants(records, now)
         face_ids = [g.record_id for g in effective if Scope.FACE in g.scopes]
         faces = sum(len(v) for v in self.consents.subject_faces(face_ids).values())
         return SubjectConsentView(
@@ -476,7 +420,7 @@ class ConsentService:
         out = []
         for sid in self.consents.list_subjects():
             records = self.consents.records(sid)
-            effective = self.consents.effective_grants(sid, now)
+            effective = effective_grants(records, now)
             scopes: set[Scope] = set()
             for g in effective:
                 scopes |= g.scopes

@@ -1,0 +1,129 @@
+"""The consent rule, as pure functions of consent records and a time.
+
+Every real person a clip uses has a valid, unexpired, unrevoked consent for this use (its
+purpose) covering each scope the clip uses (a photo needs face, a cloned voice needs voice).
+
+A grant is in force from its `granted_at` until its `expires_at`. A record that took effect
+by the time asked about and names a grant in `supersedes` ends that grant entirely. A
+revoke or expire record with no `supersedes` removes the scopes it lists from every grant
+of the subject that took effect before (or at) it, whatever the purpose: withdrawing
+consent is never narrower than the person meant. A grant for purpose "*" covers any use.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime
+
+from pipeline.repositories import ConsentRecord
+from schemas.brief import SubjectUse
+from schemas.common import Scope
+from schemas.events import Finding, Severity
+
+ANY_PURPOSE = "*"
+
+History = Sequence[ConsentRecord]
+"""The ledger records of one subject, in any order."""
+
+
+def campaign_purpose(campaign_id: str) -> str:
+    return f"campaign:{campaign_id}"
+
+
+def effective_grants(records: Iterable[ConsentRecord], at: datetime) -> list[ConsentRecord]:
+    """The grants among one subject's `records` in force at `at`, each narrowed to the
+    scopes still granted (in the order of `records`)."""
+    if at.tzinfo is None:
+        raise ValueError("`at` must be timezone-aware")
+    history = list(records)
+    subjects = {r.subject_id for r in history}
+    if len(subjects) > 1:
+        raise ValueError(f"effective_grants() takes the records of one subject, got {sorted(subjects)}")
+    history = [r for r in history if r.granted_at <= at]
+    ended = {r.supersedes for r in history if r.supersedes is not None}
+    blanket = [r for r in history if r.action != "grant" and r.supersedes is None]
+    out: list[ConsentRecord] = []
+    for g in history:
+        if g.action != "grant" or g.record_id in ended or not g.active_at(at):
+            continue
+        scopes = set(g.scopes)
+        for rv in blanket:
+            if g.granted_at <= rv.granted_at:
+                scopes -= rv.scopes
+        if scopes:
+            out.append(g if scopes == g.scopes else replace(g, scopes=frozenset(scopes)))
+    return out
+
+
+def granted_scopes(records: Iterable[ConsentRecord], purpose: str, at: datetime) -> frozenset[Scope]:
+    """The scopes one subject's grants in force at `at` give for `purpose`."""
+    granted: set[Scope] = set()
+    for g in effective_grants(records, at):
+        if g.purpose in (purpose, ANY_PURPOSE):
+            granted |= g.scopes
+    return frozenset(granted)
+
+
+def covers(records: Iterable[ConsentRecord], scopes: Iterable[Scope], purpose: str, at: datetime) -> bool:
+    """Every scope is granted, at `at`, by some grant for `purpose` or for any purpose ("*")."""
+    wanted = {Scope(sc) for sc in scopes}
+    if not wanted:
+        raise ValueError("covers() needs at least one scope")
+    return wanted <= granted_scopes(records, purpose, at)
+
+
+def consent_findings(
+    histories: Mapping[str, History],
+    subjects: Iterable[SubjectUse],
+    *,
+    campaign_id: str,
+    at: datetime,
+) -> list[Finding]:
+    """A blocking finding for each subject whose consent (its history in `histories`; none
+    when absent) does not cover every scope the clip uses for this campaign."""
+    findings: list[Finding] = []
+    purpose = campaign_purpose(campaign_id)
+    for use in subjects:
+        granted = granted_scopes(histories.get(use.subject_id, ()), purpose, at)
+        missing = sorted(s.value for s in use.scopes if s not in granted)
+        if missing:
+            findings.append(
+                Finding(
+                    kind="consent_missing",
+                    severity=Severity.BLOCK,
+                    message=(
+                        f"subject {use.subject_id} has no valid consent for {', '.join(missing)} ({purpose})"
+                    ),
+                    evidence={"subject_id": use.subject_id, "scopes": missing, "purpose": purpose},
+                )
+            )
+    return findings
+
+
+def face_grants(
+    histories: Mapping[str, History],
+    subjects: Iterable[SubjectUse],
+    *,
+    campaign_id: str,
+    at: datetime,
+) -> dict[uuid.UUID, str]:
+    """The grants in force at `at` that let the clip show a subject's face: grant id -> subject."""
+    purpose = campaign_purpose(campaign_id)
+    out: dict[uuid.UUID, str] = {}
+    for use in subjects:
+        if Scope.FACE not in use.scopes:
+            continue
+        for g in effective_grants(histories.get(use.subject_id, ()), at):
+            if Scope.FACE in g.scopes and g.purpose in (purpose, ANY_PURPOSE):
+                out[g.record_id] = use.subject_id
+    return out
+
+
+def unneeded_faces(records: History, with_faces: Iterable[uuid.UUID], at: datetime) -> set[uuid.UUID]:
+    """Among the grants `with_faces` (reference faces stored), those whose faces no grant
+    needs any more: not in force for the face at `at`, and not taking effect later."""
+    live = {g.record_id for g in effective_grants(records, at) if Scope.FACE in g.scopes}
+    future = {r.record_id for r in records if r.granted_at > at}
+    return set(with_faces) - live - future

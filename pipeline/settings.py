@@ -24,14 +24,39 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = "127.0.0.1:19092"
     kafka_client_id: str = "greetflow"
     topic_partitions: int = Field(default=3, ge=1)
-    # Keep the rebalance timeout modest: a very large one delays the first assignment
-    # (see DESIGN.md, "Known behaviour of the local broker").
+    # Keep the rebalance timeout modest: the embedded broker waits that long before a new
+    # group's first assignment (300 s gave nothing for over 20 s; 5-30 s assigns in ~3 s).
     consumer_max_poll_interval_ms: int = Field(default=30_000, ge=5_000)
     consumer_session_timeout_ms: int = Field(default=10_000, ge=3_000)
     consumer_poll_timeout_ms: int = Field(default=500, ge=10)
     # A failing message is retried this many times (with backoff) before it goes to the DLQ.
     handler_max_attempts: int = Field(default=3, ge=1)
     handler_retry_backoff_s: float = Field(default=0.5, ge=0)
+
+    # --- message sizes, dead letters and outages (docs/operations.md, "Message sizes,
+    # dead letters and outages") ---
+    # Largest record the producer sends (kafka-python max_request_size). Keep it at or below
+    # the broker's message.max.bytes (Apache Kafka default 1048588) and each topic's
+    # max.message.bytes; a larger dead letter is spilled to the object store instead.
+    kafka_max_request_bytes: int = Field(default=1_048_576, ge=1024)
+    # Bytes fetched per partition / per fetch request. A single record larger than either is
+    # still returned (alone), so these bound memory, not the largest message.
+    kafka_max_partition_fetch_bytes: int = Field(default=1_048_576, ge=1024)
+    kafka_fetch_max_bytes: int = Field(default=52_428_800, ge=1024)
+    # A dead letter is offered to `<topic>.dlq` this many times, within this long, before it
+    # is spilled to the object store (and a small pointer record goes to the DLQ).
+    dlq_send_max_attempts: int = Field(default=3, ge=1)
+    dlq_send_max_wait_s: float = Field(default=30.0, gt=0)
+    # Spilled dead letters: <bucket>/<prefix>/<topic>/<partition>-<offset>.bin plus a .json
+    # sidecar with the headers and the error. Empty bucket: bucket_staging.
+    dead_letter_bucket: str = ""
+    dead_letter_prefix: str = Field(default="dead-letters", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    # A worker that cannot reach the database, the broker or the object store keeps its
+    # message and retries (backoff doubling from outage_backoff_initial_s up to
+    # retry_backoff_max_s) for at most outage_max_wait_s; then it exits non-zero, uncommitted.
+    outage_max_wait_s: float = Field(default=300.0, gt=0)
+    outage_backoff_initial_s: float = Field(default=0.5, gt=0)
+    retry_backoff_max_s: float = Field(default=15.0, gt=0)
 
     # --- object store (MinIO in production, moto's S3 server locally) ---
     s3_endpoint: str = "http://127.0.0.1:19000"
@@ -62,7 +87,7 @@ class Settings(BaseSettings):
     render_work_dir: Path | None = None  # empty: data_dir / "render"
     ffmpeg_threads: int = Field(default=0, ge=0)  # 0: let ffmpeg decide
 
-    # --- template engine (issue 3; docs/templates.md) ---
+    # --- template engine (docs/templates.md) ---
     # Extra folder of template files (*.yaml); they win over the shipped ones. None: shipped only.
     templates_dir: Path | None = None
     # Shared segments and generated stills are cached here. None: data_dir / "render-cache".
@@ -82,7 +107,7 @@ class Settings(BaseSettings):
     content_producer: str = "Greetflow"
     content_propagator: str = "Greetflow"
 
-    # --- consent, likeness, text, labels, provenance (issue 4; docs/consent-and-provenance.md) ---
+    # --- consent, likeness, text, labels, provenance (docs/consent-and-provenance.md) ---
     # A consent challenge code lives this long; the subject says or writes it in the artifact.
     consent_challenge_ttl_s: int = Field(default=1800, ge=60, le=7 * 86_400)
     # A grant without an explicit expiry expires after this many days (0: never).
@@ -140,7 +165,7 @@ class Settings(BaseSettings):
     # Use a read-only user: the query runs in a read-only transaction where the backend allows.
     audience_database_url: SecretStr = SecretStr("")
 
-    # --- review queue web app (issue 5; docs/review-queue.md) ---
+    # --- review queue web app (docs/review-queue.md) ---
     review_host: str = "127.0.0.1"
     review_port: int = Field(default=8088, ge=1, le=65535)
     # A case waiting longer than this (since it entered needs_review) is escalated.

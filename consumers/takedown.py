@@ -2,29 +2,10 @@
 
 from __future__ import annotations
 
-from pipeline.adapters.kafka import ConsumerWorker
-from pipeline.bootstrap import Container, worker_name
-from pipeline.topics import CONSENT_EVENTS
-from schemas.events import ConsentChanged
+from consumers import build_for, main
+from pipeline.workers import TAKEDOWN
 
-GROUP = "greetflow-takedown"
-
-
-def build(container: Container) -> ConsumerWorker[ConsentChanged]:
-    name = worker_name("takedown")
-    return ConsumerWorker(
-        container.settings,
-        name=name,
-        topic=CONSENT_EVENTS,
-        group_id=GROUP,
-        payload_type=ConsentChanged,
-        handler=container.takedown_service(name).handle,
-        bus=container.bus,
-        on_dead_letter=container.fail_job_on_dead_letter,
-    )
-
+build = build_for(TAKEDOWN.role)
 
 if __name__ == "__main__":
-    from consumers._run import main
-
-    raise SystemExit(main(build))
+    raise SystemExit(main(TAKEDOWN.role))

@@ -2,9 +2,9 @@
 
 The folder is `GREETFLOW_CAMPAIGNS_DIR`, or `campaigns/` beside this file. Reading it is
 the only I/O at parse time; every task is a few lines that call
-`pipeline.campaign_runs.CampaignRunService` (imported inside the task). Settings come
-from Airflow connections and variables or GREETFLOW_ variables
-(`pipeline.adapters.airflow`); nothing secret is in this file. See docs/airflow.md.
+`pipeline.campaign_runs.CampaignRunService` of a `pipeline.bootstrap.airflow_container`
+(imported inside the task). Settings come from Airflow connections and variables or
+GREETFLOW_ variables (`pipeline.adapters.airflow`); nothing secret is in this file. See docs/airflow.md.
 
 validate_brief -> resolve_audience -> prewarm_segments -> publish_requests (one mapped
 task per chunk) -> wait_for_jobs (reschedule-mode sensor) -> write_report -> check_complete
@@ -75,11 +75,10 @@ def _aware(value: datetime | None, tz: ZoneInfo) -> datetime | None:
 def _runs(*, migrate: bool = False) -> Iterator[CampaignRunService]:
     """The run service on a Container from Airflow connections / variables / GREETFLOW_ env.
     Only the first task of a run applies the database migrations."""
-    from pipeline.adapters.airflow import airflow_container
-    from pipeline.campaign_runs import CampaignRunService
+    from pipeline.bootstrap import airflow_container
 
     with airflow_container(migrate=migrate) as c:
-        yield CampaignRunService.from_container(c)
+        yield c.campaign_run_service()
 
 
 def _timetable(sched: Schedule | None) -> tuple[CronTriggerTimetable | None, ZoneInfo]:

@@ -1,8 +1,8 @@
 """`review_sla`: hourly, flag and escalate the review cases waiting longer than the SLA
 (GREETFLOW_REVIEW_SLA_HOURS), and re-send human approvals the publisher never picked up.
 
-Thin: each task calls pipeline.review.service.ReviewService (imported inside the task) on
-a Container from Airflow connections / variables / GREETFLOW_ env. See docs/review-queue.md.
+Thin: each task calls the ReviewService of a Container (pipeline.bootstrap.airflow_container,
+imported inside the task) from Airflow connections / variables / GREETFLOW_ env. See docs/review-queue.md.
 """
 
 from __future__ import annotations
@@ -25,19 +25,17 @@ from airflow.sdk import dag, task
 def review_sla() -> None:
     @task
     def escalate_overdue() -> list[str]:
-        from pipeline.adapters.airflow import airflow_container
-        from pipeline.review.service import ReviewService
+        from pipeline.bootstrap import airflow_container
 
         with airflow_container() as c:
-            return [str(j) for j in ReviewService.from_container(c).escalate_overdue()]
+            return [str(j) for j in c.review_service().escalate_overdue()]
 
     @task
     def reannounce_approvals() -> list[str]:
-        from pipeline.adapters.airflow import airflow_container
-        from pipeline.review.service import ReviewService
+        from pipeline.bootstrap import airflow_container
 
         with airflow_container(migrate=False) as c:
-            return [str(j) for j in ReviewService.from_container(c).reannounce_stuck()]
+            return [str(j) for j in c.review_service().reannounce_stuck()]
 
     escalate_overdue() >> reannounce_approvals()
 

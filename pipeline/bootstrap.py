@@ -5,17 +5,23 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
+from pipeline.adapters.airflow import airflow_settings
 from pipeline.adapters.db import Database
-from pipeline.adapters.kafka import EventBus
+from pipeline.adapters.kafka import ConsumerWorker, EventBus
 from pipeline.adapters.storage import ObjectStore
+from pipeline.campaign_runs import CampaignRunService
 from pipeline.campaigns import CampaignService
-from pipeline.moderation.consent import ConsentService
+from pipeline.consent.expiry import ExpiryReport, expire_consents
+from pipeline.consent.service import ConsentService
+from pipeline.faces import FaceEngine, face_engine
 from pipeline.moderation.gallery import GalleryService
-from pipeline.moderation.likeness import FaceEngine, face_engine
 from pipeline.moderation.service import ModerationService
 from pipeline.ports import Renderer
 from pipeline.provenance import SigningMaterial, signing_material
@@ -29,7 +35,10 @@ from pipeline.repositories import (
     ModerationResultRepository,
     PublishedClipRepository,
 )
+from pipeline.review.repository import ReviewRepository
+from pipeline.review.service import ReviewService
 from pipeline.settings import Settings, get_settings
+from pipeline.workers import worker_spec
 from schemas.brief import TemplateRef
 from schemas.common import Locale
 from schemas.events import Envelope, _Payload
@@ -39,6 +48,12 @@ log = logging.getLogger(__name__)
 
 def worker_name(role: str) -> str:
     return f"{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+class WorkerService(Protocol):
+    """A service that handles one worker's topic, one envelope at a time."""
+
+    def handle(self, env: Envelope[Any]) -> None: ...
 
 
 def default_renderer(settings: Settings) -> Renderer:
@@ -90,6 +105,9 @@ class Container:
     def campaigns(self) -> CampaignService:
         return CampaignService(self.jobs, self.bus)
 
+    def campaign_run_service(self) -> CampaignRunService:
+        return CampaignRunService(self.settings, self.store, self.jobs, self.campaigns(), self.prewarm)
+
     def prewarm(self, template: TemplateRef, locale: Locale) -> bool:
         """Render the shared segments of (template, locale) ahead of a campaign, when the
         renderer offers a `prewarm` hook; False (and nothing done) when it does not."""
@@ -102,7 +120,7 @@ class Container:
     def render_service(self, owner: str) -> RenderService:
         return RenderService(self.settings, self.jobs, self.store, self.bus, self.renderer, owner=owner)
 
-    # --- consent, likeness, moderation, provenance, takedown (issue 4) ---
+    # --- consent, likeness, moderation, provenance, takedown ---
 
     @cached_property
     def gallery(self) -> LikenessGallery:
@@ -133,6 +151,13 @@ class Container:
     def consent_service(self) -> ConsentService:
         return ConsentService(
             self.settings, self.consents, self.gallery, self.store, self.events, faces=self.faces
+        )
+
+    def consent_expiry(self, *, now: datetime | None = None) -> ExpiryReport:
+        """The daily consent sweep: expire due grants, take down the clips they no longer cover.
+        `now` only to replay a sweep (tests, backfills)."""
+        return expire_consents(
+            self.consent_service(), self.takedown_service(worker_name("consent-expiry")), now=now
         )
 
     def gallery_service(self) -> GalleryService:
@@ -177,6 +202,49 @@ class Container:
             signing=lambda: self.signing,
         )
 
+    def review_service(self) -> ReviewService:
+        return ReviewService(
+            self.settings,
+            ReviewRepository(self.db),
+            self.jobs,
+            self.moderation_results,
+            self.consents,
+            self.store,
+            self.events,
+        )
+
+    # --- workers ---
+
+    def worker_service(self, role: str) -> Callable[[str], WorkerService]:
+        """The factory (worker name -> service) of the service that handles `role`'s topic.
+        Nothing is connected until the factory is called."""
+        worker_spec(role)  # an unknown role is a ConfigError naming the known ones
+        factories: dict[str, Callable[[str], WorkerService]] = {
+            "render": self.render_service,
+            "moderate": self.moderation_service,
+            "publish": self.publish_service,
+            "takedown": self.takedown_service,
+        }
+        return factories[role]
+
+    def worker(self, role: str) -> ConsumerWorker[Any]:
+        """The consumer-group worker of `role` (pipeline/workers.py), its service, the
+        container's bus for results and DLQ, and a dead letter failing its job."""
+        spec = worker_spec(role)
+        name = worker_name(role)
+        return ConsumerWorker(
+            self.settings,
+            name=name,
+            topic=spec.topic,
+            group_id=spec.group_id,
+            payload_type=spec.payload_type,
+            handler=self.worker_service(role)(name).handle,
+            bus=self.bus,
+            on_dead_letter=self.fail_job_on_dead_letter,
+            max_poll_records=spec.max_poll_records,
+            spill=self.store,
+        )
+
     def fail_job_on_dead_letter(self, env: Envelope[Any] | None, exc: BaseException) -> None:
         """A dead-lettered message fails its job (with the reason), so nobody waits forever."""
         job_id = getattr(env.payload, "job_id", None) if env is not None else None
@@ -188,6 +256,22 @@ class Container:
             self.bus.close()
         if "db" in self.__dict__:
             self.db.dispose()
+
+
+@contextmanager
+def airflow_container(settings: Settings | None = None, *, migrate: bool = True) -> Iterator[Container]:
+    """A Container for one Airflow task (settings from its connections and variables, see
+    pipeline/adapters/airflow.py); its producer and engine are closed when the task ends.
+    Call it only inside a running task.
+
+    `migrate=False` skips the Alembic upgrade on first database use: for tasks that run
+    often (a sensor's checks) after a first task of the same run has migrated.
+    """
+    c = Container(settings or airflow_settings(), migrate=migrate)
+    try:
+        yield c
+    finally:
+        c.close()
 
 
 class _LazyEvents:

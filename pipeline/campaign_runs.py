@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.adapters.storage import ObjectStore, validate_key
 from pipeline.audience import check_source, iter_audience
@@ -37,9 +37,6 @@ from pipeline.settings import Settings
 from schemas.brief import CampaignBrief, Recipient, TemplateRef
 from schemas.common import GREETFLOW_NAMESPACE, Locale, job_id_for, utcnow
 from schemas.jobs import FINAL_STATES, WAITING_FOR_HUMAN, JobState
-
-if TYPE_CHECKING:
-    from pipeline.bootstrap import Container
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +145,6 @@ class CampaignRunService:
         self.jobs = jobs
         self.campaigns = campaigns
         self._prewarm = prewarm
-
-    @classmethod
-    def from_container(cls, c: Container) -> CampaignRunService:
-        return cls(c.settings, c.store, c.jobs, c.campaigns(), c.prewarm)
 
     @property
     def bucket(self) -> str:

@@ -6,7 +6,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +17,15 @@ from rich.table import Table
 from pipeline.adapters.kafka import ConsumerWorker
 from pipeline.bootstrap import Container
 from pipeline.campaigns import sample_brief
-from pipeline.devstack import DevStack
+from pipeline.dev.stack import DevStack
 from pipeline.keys import sidecar_of
 from pipeline.provenance import init_dev_ca, provenance_dir
 from pipeline.settings import Settings
+from pipeline.workers import ROLES
 from schemas.common import job_id_for
 from schemas.jobs import FINAL_STATES, WAITING_FOR_HUMAN, JobState
 
 log = logging.getLogger(__name__)
-
-WorkerFactory = Callable[[Container], ConsumerWorker[Any]]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -63,7 +62,7 @@ def run_demo(
     *,
     recipients: int,
     out_dir: Path,
-    factories: Sequence[WorkerFactory],
+    roles: Sequence[str] = ROLES,
     timeout_s: float = 600.0,
     console: Console | None = None,
 ) -> int:
@@ -83,8 +82,8 @@ def run_demo(
         threads: list[threading.Thread] = []
         try:
             _ = container.db  # migrate before the workers race to it
-            for factory in factories:
-                worker = factory(container)
+            for role in roles:
+                worker = container.worker(role)
                 thread = threading.Thread(target=worker.run, name=worker.name, daemon=True)
                 thread.start()
                 workers.append(worker)

@@ -142,7 +142,7 @@ def needs_review_case(
 
 
 def add_reviewers(c: Container, **roles: str) -> ReviewService:
-    svc = ReviewService.from_container(c)
+    svc = c.review_service()
     for name, role in roles.items():
         svc.add_user(name, "lead" if role == "lead" else "reviewer", PASSWORD)
     return svc

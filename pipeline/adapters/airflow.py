@@ -1,5 +1,6 @@
-"""Airflow adapter: Greetflow settings (and a Container) from Airflow connections and
-variables, on top of the GREETFLOW_ environment. Used by the DAGs in dags/.
+"""Airflow adapter: Greetflow settings from Airflow connections and variables, on top of
+the GREETFLOW_ environment. The DAGs in dags/ get a Container on these settings from
+`pipeline.bootstrap.airflow_container`.
 
 Precedence, highest first:
 
@@ -19,25 +20,20 @@ Precedence, highest first:
   that `.sql` audiences run against.
 
 Secrets therefore live in Airflow's secrets backend (or its AIRFLOW_CONN_* variables),
-never in a DAG file. Airflow is imported lazily: only call `airflow_settings` and
-`airflow_container` from inside a running task (connections and variables are fetched
-through the task's supervisor).
+never in a DAG file. Airflow is imported lazily: only call `airflow_settings` from inside
+a running task (connections and variables are fetched through the task's supervisor).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from sqlalchemy.engine import URL
 
 from pipeline.errors import ConfigError
 from pipeline.settings import Settings
-
-if TYPE_CHECKING:
-    from pipeline.bootstrap import Container
 
 SETTINGS_VARIABLE = "greetflow_settings"
 CONN_KAFKA = "greetflow_kafka"
@@ -163,19 +159,3 @@ def airflow_settings(
     """A fresh Settings: Airflow connections > the settings variable > GREETFLOW_ env > defaults."""
     conns = {cid: fetch_connection(cid) for cid in CONNECTION_IDS}
     return Settings(**overrides_from_airflow(conns, fetch_variable()))
-
-
-@contextmanager
-def airflow_container(settings: Settings | None = None, *, migrate: bool = True) -> Iterator[Container]:
-    """A Container for one task; its producer and engine are closed when the task ends.
-
-    `migrate=False` skips the Alembic upgrade on first database use: for tasks that run
-    often (a sensor's checks) after a first task of the same run has migrated.
-    """
-    from pipeline.bootstrap import Container
-
-    c = Container(settings or airflow_settings(), migrate=migrate)
-    try:
-        yield c
-    finally:
-        c.close()

@@ -7,11 +7,14 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlparse
 
 from pipeline.errors import ConfigError, PermanentError
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from minio import Minio
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9/_.-]{0,1023}$")
 
@@ -142,3 +145,54 @@ class ObjectStore:
 
     def health(self) -> dict[str, Any]:
         return {"buckets": [b.name for b in self.client.list_buckets()]}
+
+
+# --------------------------------------------------------------------------- admin
+
+_BUCKET_EXISTS_CODES = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
+
+
+def s3_client(settings: Settings, endpoint: str | None = None, *, timeout_s: float | None = None) -> Minio:
+    """A MinIO client for `endpoint` (default `settings.s3_endpoint`). With `timeout_s`, a
+    request fails after that long and is not retried: for health checks."""
+    from minio import Minio
+
+    url = urlparse(endpoint or settings.s3_endpoint)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise ConfigError(f"S3 endpoint must look like http://host:port, got {url.geturl()!r}")
+    http_client = None
+    if timeout_s is not None:
+        import urllib3
+
+        http_client = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=min(timeout_s, 2.0), read=timeout_s),
+            retries=urllib3.Retry(total=0),
+        )
+    return Minio(
+        url.netloc,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key.get_secret_value(),
+        secure=url.scheme == "https",
+        region=settings.s3_region,
+        http_client=http_client,
+    )
+
+
+def ensure_buckets(settings: Settings, *, endpoint: str | None = None) -> list[str]:
+    """Create every bucket in `settings.buckets` that is missing (idempotent), at `endpoint`
+    (default `settings.s3_endpoint`). Returns the names created."""
+    from minio.error import S3Error
+
+    client = s3_client(settings, endpoint)
+    created: list[str] = []
+    for bucket in settings.buckets:
+        if client.bucket_exists(bucket):
+            continue
+        try:
+            client.make_bucket(bucket)
+        except S3Error as exc:
+            if exc.code in _BUCKET_EXISTS_CODES:
+                continue
+            raise
+        created.append(bucket)
+    return created

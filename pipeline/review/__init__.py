@@ -1,2 +1,2 @@
-"""The moderation review queue: a web app and JSON API for human reviewers (issue 5,
-docs/review-queue.md)."""
+"""The moderation review queue: a web app and JSON API for human reviewers
+(docs/review-queue.md)."""

@@ -552,10 +552,3 @@ def create_app(service: ReviewService) -> FastAPI:
         return RedirectResponse(f"/cases/{job_id}?notice={outcome.status}", status_code=303)
 
     return app
-
-
-def app_from_settings() -> FastAPI:
-    """For `uvicorn --factory pipeline.review.app:app_from_settings`."""
-    from pipeline.bootstrap import Container
-
-    return create_app(ReviewService.from_container(Container()))

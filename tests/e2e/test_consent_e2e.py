@@ -35,7 +35,7 @@ import consumers.render
 import consumers.takedown
 from pipeline.adapters.kafka import ConsumerWorker
 from pipeline.bootstrap import Container
-from pipeline.devstack import DevStack
+from pipeline.dev.stack import DevStack
 from pipeline.render.media import extract_frame
 from pipeline.settings import Settings
 from pipeline.topics import CLIPS_TAKEN_DOWN

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.adapters.kafka import ConsumerWorker
 from pipeline.bootstrap import Container
-from pipeline.devstack import DevStack
+from pipeline.dev.stack import DevStack
 from pipeline.settings import Settings
 
 

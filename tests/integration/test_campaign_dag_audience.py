@@ -104,7 +104,7 @@ def test_csv_and_parquet_audiences_resolve_submit_track_and_report(
 
 
 def test_a_missing_audience_object_fails_validation(container: Container, tmp_path: Path) -> None:
-    svc = CampaignRunService.from_container(container)
+    svc = container.campaign_run_service()
     with pytest.raises(AudienceError, match="not found"):
         svc.start(write_brief(tmp_path, "mid-missing", "audiences/nope.csv"), "manual__x")
 
@@ -147,7 +147,7 @@ def test_sql_audience_on_postgresql_streams_and_is_read_only(postgres_db: Databa
 
 
 def test_a_brief_for_an_unknown_template_fails_validation(container: Container, tmp_path: Path) -> None:
-    svc = CampaignRunService.from_container(container)
+    svc = container.campaign_run_service()
     path = write_brief(tmp_path, "mid-unknown", "audiences/any.csv")
     text = path.read_text(encoding="utf-8").replace("version: '1'", "version: '9'")
     path.write_text(text, encoding="utf-8")

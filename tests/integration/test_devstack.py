@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import devstack
-from pipeline.devstack import DevStack, DevStackError
+from pipeline.adapters.kafka import ensure_topics
+from pipeline.adapters.storage import ensure_buckets
+from pipeline.dev import stack as devstack
+from pipeline.dev.stack import DevStack, DevStackError
 from pipeline.settings import Settings
 from pipeline.topics import ALL_TOPICS, RENDER_REQUESTS
 
@@ -119,7 +121,7 @@ def test_topics_exist(stack: tuple[DevStack, Settings]) -> None:
     assert described[RENDER_REQUESTS] == settings.topic_partitions
     assert described[f"{RENDER_REQUESTS}.dlq"] == 1
     # Idempotent: a second call creates nothing and does not fail.
-    assert devstack.ensure_topics(settings) == []
+    assert ensure_topics(settings) == []
 
 
 def test_buckets_exist(stack: tuple[DevStack, Settings]) -> None:
@@ -135,7 +137,7 @@ def test_buckets_exist(stack: tuple[DevStack, Settings]) -> None:
     )
     names = {b.name for b in client.list_buckets()}
     assert set(settings.buckets) <= names
-    assert devstack.ensure_buckets(settings) == []
+    assert ensure_buckets(settings) == []
 
 
 def test_produce_then_consume(stack: tuple[DevStack, Settings]) -> None:
@@ -261,7 +263,7 @@ def test_children_die_with_parent(tmp_path: Path) -> None:
         """
         import sys, time
         from pathlib import Path
-        from pipeline.devstack import DevStack
+        from pipeline.dev.stack import DevStack
         from pipeline.settings import Settings
         s = Settings(dev_broker_port=int(sys.argv[1]), dev_s3_port=int(sys.argv[2]),
                      kafka_bootstrap=f"127.0.0.1:{sys.argv[1]}",
@@ -313,7 +315,7 @@ def test_run_foreground_stops_on_sigint(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "from pipeline.devstack import run_foreground; from pipeline.settings import Settings;"
+            "from pipeline.dev.stack import run_foreground; from pipeline.settings import Settings;"
             " run_foreground(Settings())",
         ],
         stdout=subprocess.PIPE,
@@ -375,7 +377,7 @@ def test_detached_up_status_down(tmp_path: Path) -> None:
         again = devstack.up(settings, log=messages.append)
         assert {c.name: c.pid for c in again.components} == pids
         assert any("already" in m for m in messages)
-        assert devstack.ensure_topics(settings) == []
+        assert ensure_topics(settings) == []
     finally:
         after = devstack.down(settings, log=messages.append)
 
@@ -423,8 +425,8 @@ def test_detached_stack_outlives_the_process_that_started_it(tmp_path: Path) -> 
         GREETFLOW_DATA_DIR=str(tmp_path),
     )
     code = (
-        "from pipeline import devstack; from pipeline.settings import Settings;"
-        " print('\\n'.join(devstack.up(Settings()).render_lines()))"
+        "from pipeline.dev import stack; from pipeline.settings import Settings;"
+        " print('\\n'.join(stack.up(Settings()).render_lines()))"
     )
     pids: list[int] = []
     try:

@@ -151,7 +151,7 @@ def test_cli_add_user_then_login(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         assert cli.main(["review", "add-user", "lea", "--role", "lead"]) == 0
         c = Container(get_settings())
         try:
-            _token, who = ReviewService.from_container(c).login("lea", "correct horse battery staple")
+            _token, who = c.review_service().login("lea", "correct horse battery staple")
             assert who.role == "lead"
         finally:
             c.close()

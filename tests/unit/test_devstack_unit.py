@@ -1,4 +1,4 @@
-"""Unit tests of pipeline.devstack that start no servers."""
+"""Unit tests of pipeline.dev.stack that start no servers."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import devstack
-from pipeline.devstack import ComponentStatus, DevStackError, StackStatus
+from pipeline.dev import stack as devstack
+from pipeline.dev.stack import ComponentStatus, DevStackError, StackStatus
 from pipeline.settings import Settings
 
 

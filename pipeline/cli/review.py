@@ -6,10 +6,13 @@ import argparse
 import getpass
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
 from pipeline.settings import get_settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 PASSWORD_ENV = "GREETFLOW_REVIEW_PASSWORD"
 
@@ -31,12 +34,11 @@ def _read_password(args: argparse.Namespace) -> str:
 def cmd_add_user(args: argparse.Namespace) -> int:
     from pipeline.bootstrap import Container
     from pipeline.review.repository import parse_role
-    from pipeline.review.service import ReviewService
 
     password = _read_password(args)
     container = Container(get_settings())
     try:
-        created = ReviewService.from_container(container).add_user(args.name, parse_role(args.role), password)
+        created = container.review_service().add_user(args.name, parse_role(args.role), password)
     finally:
         container.close()
     print(f"reviewer {args.name} ({args.role}) {'added' if created else 'updated; their sessions ended'}")
@@ -48,12 +50,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from pipeline.bootstrap import Container
     from pipeline.review.app import create_app
-    from pipeline.review.service import ReviewService
 
     settings = get_settings()
     container = Container(settings)
     try:
-        app = create_app(ReviewService.from_container(container))
+        app = create_app(container.review_service())
         host = args.host or settings.review_host
         port = args.port or settings.review_port
         print(f"review queue on http://{host}:{port}/ (API docs: /api/docs)", file=sys.stderr)
@@ -65,17 +66,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_escalate(args: argparse.Namespace) -> int:
     from pipeline.bootstrap import Container
-    from pipeline.review.service import ReviewService
 
     container = Container(get_settings())
     try:
-        ids = ReviewService.from_container(container).escalate_overdue()
+        ids = container.review_service().escalate_overdue()
     finally:
         container.close()
     print(f"{len(ids)} case(s) escalated")
     for job_id in ids:
         print(job_id)
     return 0
+
+
+def app_from_settings() -> FastAPI:
+    """For `uvicorn --factory pipeline.cli.review:app_from_settings`: the review app on a
+    Container from the GREETFLOW_ environment."""
+    from pipeline.bootstrap import Container
+    from pipeline.review.app import create_app
+
+    return create_app(Container(get_settings()).review_service())
 
 
 def register(sub: Any) -> None:

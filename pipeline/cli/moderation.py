@@ -1,5 +1,5 @@
 """`greetflow consent | likeness | verify | provenance | moderation`: thin wrappers over the
-service functions (pipeline.moderation.consent, .gallery, .expiry, pipeline.provenance)."""
+service functions (pipeline.consent, pipeline.moderation.gallery, pipeline.provenance)."""
 
 from __future__ import annotations
 
@@ -182,12 +182,10 @@ def cmd_consent(args: argparse.Namespace) -> int:
                 ],
             )  # fmt: skip
             return 0
-    if action == "expire":
-        from pipeline.moderation.expiry import run_consent_expiry
-
-        report = run_consent_expiry(get_settings())
-        print(f"consent expiry: {report.summary()}")
-        return 0
+        if action == "expire":
+            report = c.consent_expiry()
+            print(f"consent expiry: {report.summary()}")
+            return 0
     raise AssertionError(action)
 
 

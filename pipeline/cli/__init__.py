@@ -13,7 +13,7 @@ from typing import Any
 from pipeline.errors import GreetflowError
 from pipeline.logs import setup_logging
 from pipeline.settings import get_settings
-from pipeline.workers import ROLES
+from pipeline.workers import ALL_ROLES, SWEEP
 
 # Feature modules that add their own subcommands: each has `register(subparsers) -> None`.
 # Keep this list explicit (no entry-point magic) so `greetflow --help` is predictable.
@@ -49,16 +49,30 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from pipeline.bootstrap import Container
-    from pipeline.workers import run_until_signalled
+    from pipeline.bootstrap import Container, worker_name
+    from pipeline.workers import run_periodic_until_signalled, run_until_signalled
 
-    container = Container(get_settings())
+    settings = get_settings()
+    container = Container(settings)
+    if args.role == SWEEP:
+        sweeper = container.job_sweeper(worker_name(SWEEP))
+        return run_periodic_until_signalled(
+            sweeper.owner,
+            sweeper.sweep,
+            interval_s=settings.sweep_interval_s,
+            resources=container,
+            on_stop=sweeper.release,
+        )
     return run_until_signalled(container.worker(args.role), container)
+
+
+# `greetflow submit --wait` ends with jobs not in a final state yet.
+UNFINISHED_EXIT = 3
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.bootstrap import Container
-    from pipeline.campaigns import load_brief
+    from pipeline.campaigns import load_brief, summarize_jobs
 
     brief = load_brief(Path(args.brief))
     container = Container(get_settings())
@@ -71,6 +85,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.wait:
             records = container.campaigns().wait(result.job_ids, timeout_s=args.wait)
             _print_jobs(records)
+            summary = summarize_jobs(result.job_ids, records)
+            if summary.unfinished:
+                print(f"after {args.wait:g} s: {summary.describe()}", file=sys.stderr)
+                return UNFINISHED_EXIT
     finally:
         container.close()
     return 0
@@ -146,13 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--foreground", action="store_true", help="with up: stay attached until Ctrl-C")
     dev.set_defaults(func=cmd_dev)
 
-    worker = sub.add_parser("worker", help="run one consumer-group worker until SIGTERM")
-    worker.add_argument("role", choices=ROLES)
+    worker = sub.add_parser(
+        "worker", help="run one consumer-group worker (or the job sweeper: `sweep`) until SIGTERM"
+    )
+    worker.add_argument("role", choices=ALL_ROLES)
     worker.set_defaults(func=cmd_worker)
 
     submit = sub.add_parser("submit", help="submit a campaign brief (YAML or JSON)")
     submit.add_argument("brief")
-    submit.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait for final states")
+    submit.add_argument(
+        "--wait",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help=f"wait for final states; exit {UNFINISHED_EXIT} when some jobs are still unfinished",
+    )
     submit.set_defaults(func=cmd_submit)
 
     jobs = sub.add_parser("jobs", help="list jobs and their states")
@@ -194,7 +220,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

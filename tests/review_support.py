@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.adapters.storage import sha256_file
+from pipeline.adapters.storage import ensure_buckets, sha256_file
 from pipeline.bootstrap import Container
 from pipeline.keys import clip_key
 from pipeline.repositories import ConsentRecord
@@ -107,7 +107,7 @@ def needs_review_case(
         subjects=(SubjectUse(subject_id="grandma", scopes=frozenset({Scope.FACE})),),
     )
     c.jobs.create_if_absent(req)
-    c.store.ensure_buckets(c.settings.buckets)
+    ensure_buckets(c.settings)
     video = still_clip(tmp_path / f"{recipient}.mp4", frame(), 2.0)
     key = clip_key(CAMPAIGN, recipient, req.job_id)
     c.store.put_file(

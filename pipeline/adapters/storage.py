@@ -44,19 +44,8 @@ class ObjectInfo:
 
 class ObjectStore:
     def __init__(self, settings: Settings) -> None:
-        from minio import Minio
-
-        url = urlparse(settings.s3_endpoint)
-        if url.scheme not in ("http", "https") or not url.netloc:
-            raise ConfigError(f"GREETFLOW_S3_ENDPOINT must be an http(s) URL, got {settings.s3_endpoint!r}")
         self.settings = settings
-        self.client = Minio(
-            url.netloc,
-            access_key=settings.s3_access_key,
-            secret_key=settings.s3_secret_key.get_secret_value(),
-            secure=url.scheme == "https",
-            region=settings.s3_region,
-        )
+        self.client = s3_client(settings)
 
     def put_file(
         self,
@@ -138,11 +127,6 @@ class ObjectStore:
     def public_url(self, key: str) -> str:
         return f"{self.settings.resolved_distribution_base_url}/{quote(validate_key(key))}"
 
-    def ensure_buckets(self, buckets: list[str]) -> None:
-        for bucket in buckets:
-            if not self.client.bucket_exists(bucket):
-                self.client.make_bucket(bucket)
-
     def health(self) -> dict[str, Any]:
         return {"buckets": [b.name for b in self.client.list_buckets()]}
 
@@ -159,7 +143,9 @@ def s3_client(settings: Settings, endpoint: str | None = None, *, timeout_s: flo
 
     url = urlparse(endpoint or settings.s3_endpoint)
     if url.scheme not in ("http", "https") or not url.netloc:
-        raise ConfigError(f"S3 endpoint must look like http://host:port, got {url.geturl()!r}")
+        raise ConfigError(
+            f"GREETFLOW_S3_ENDPOINT must be an http(s) URL like http://host:port, got {url.geturl()!r}"
+        )
     http_client = None
     if timeout_s is not None:
         import urllib3

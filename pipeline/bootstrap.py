@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,12 +33,14 @@ from pipeline.repositories import (
     JobRepository,
     JobSubjectRepository,
     LikenessGallery,
+    LockRepository,
     ModerationResultRepository,
     PublishedClipRepository,
 )
 from pipeline.review.repository import ReviewRepository
 from pipeline.review.service import ReviewService
 from pipeline.settings import Settings, get_settings
+from pipeline.sweeper import JobSweeper, SweepReport
 from pipeline.workers import worker_spec
 from schemas.brief import TemplateRef
 from schemas.common import Locale
@@ -118,7 +121,15 @@ class Container:
         return True
 
     def render_service(self, owner: str) -> RenderService:
-        return RenderService(self.settings, self.jobs, self.store, self.bus, self.renderer, owner=owner)
+        return RenderService(
+            self.settings,
+            self.jobs,
+            self.store,
+            self.bus,
+            self.renderer,
+            owner=owner,
+            lease_s=self.settings.step_lease_s,
+        )
 
     # --- consent, likeness, moderation, provenance, takedown ---
 
@@ -174,6 +185,7 @@ class Container:
             self.bus,
             owner=owner,
             faces=self.faces,
+            lease_s=self.settings.step_lease_s,
         )
 
     def takedown_service(self, owner: str) -> TakedownService:
@@ -200,6 +212,7 @@ class Container:
             self.takedown_service(owner),
             owner=owner,
             signing=lambda: self.signing,
+            lease_s=self.settings.step_lease_s,
         )
 
     def review_service(self) -> ReviewService:
@@ -212,6 +225,32 @@ class Container:
             self.store,
             self.events,
         )
+
+    # --- the job sweeper (pipeline/sweeper.py) ---
+
+    @cached_property
+    def locks(self) -> LockRepository:
+        return LockRepository(self.db)
+
+    def job_sweeper(self, owner: str | None = None) -> JobSweeper:
+        """The sweeper (`greetflow worker sweep` runs its `sweep` every sweep_interval_s)."""
+        return JobSweeper(
+            self.settings,
+            self.jobs,
+            self.locks,
+            self.moderation_results,
+            self.store,
+            self.events,
+            owner=owner or worker_name("sweep"),
+        )
+
+    def sweep_jobs(self) -> SweepReport:
+        """One sweep pass under the lock, released afterwards (the `job_sweep` DAG)."""
+        sweeper = self.job_sweeper()
+        try:
+            return sweeper.sweep()
+        finally:
+            sweeper.release()
 
     # --- workers ---
 
@@ -280,5 +319,13 @@ class _LazyEvents:
     def __init__(self, container: Container) -> None:
         self._container = container
 
-    def publish(self, topic: str, payload: _Payload, *, key: str, trace_id: str | None = None) -> Any:
-        return self._container.bus.publish(topic, payload, key=key, trace_id=trace_id)
+    def publish(
+        self,
+        topic: str,
+        payload: _Payload,
+        *,
+        key: str,
+        trace_id: str | None = None,
+        event_id: uuid.UUID | None = None,
+    ) -> Any:
+        return self._container.bus.publish(topic, payload, key=key, trace_id=trace_id, event_id=event_id)

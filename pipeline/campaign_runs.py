@@ -310,11 +310,13 @@ class CampaignRunService:
         )
         written = write_report(report, self.store, self.settings.bucket_reports)
         log.info(
-            "campaign %s run %s: report %s (complete=%s)",
+            "campaign %s run %s: report %s (complete=%s, %d swept, %d failed)",
             run.campaign_id,
             run.run_key,
             written.json_key,
             report.complete,
+            report.swept,
+            report.failed,
         )
         return report, written
 

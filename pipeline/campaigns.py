@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -112,6 +112,44 @@ class SubmitResult:
     already_final: int
 
 
+@dataclass(frozen=True)
+class JobsSummary:
+    """Where a set of jobs stands: per state, unfinished, and how many the sweeper had to
+    re-drive (`swept`, from the jobs' sweep counters) or that failed."""
+
+    total: int
+    counts: dict[str, int]  # state (or "missing": no job row yet) -> jobs
+    unfinished: int
+    swept: int
+    failed: int
+
+    def describe(self) -> str:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()) if v)
+        return (
+            f"{self.unfinished} of {self.total} jobs unfinished ({shown or 'no jobs'}); "
+            f"{self.swept} swept, {self.failed} failed"
+        )
+
+
+def summarize_jobs(
+    job_ids: Iterable[uuid.UUID], records: Sequence[JobRecord], settled: frozenset[JobState] = FINAL_STATES
+) -> JobsSummary:
+    ids = list(job_ids)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.state.value] = counts.get(r.state.value, 0) + 1
+    missing = len(ids) - len(records)
+    if missing > 0:
+        counts["missing"] = missing
+    return JobsSummary(
+        total=len(ids),
+        counts=counts,
+        unfinished=max(missing, 0) + sum(1 for r in records if r.state not in settled),
+        swept=sum(1 for r in records if r.sweeps_total > 0),
+        failed=sum(1 for r in records if r.state == JobState.FAILED),
+    )
+
+
 def _chunks(items: list[RenderRequested], size: int) -> Iterator[list[RenderRequested]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -182,7 +220,8 @@ class CampaignService:
         settled: frozenset[JobState] = FINAL_STATES,
         on_progress: Callable[[dict[JobState, int]], None] | None = None,
     ) -> list[JobRecord]:
-        """Block until every job is settled or the timeout passes; returns the latest records."""
+        """Block until every job is settled or the timeout passes; returns the latest records
+        (`summarize_jobs` counts them, swept and failed ones included)."""
         deadline = time.monotonic() + timeout_s
         while True:
             records = [r for r in (self.jobs.get(j) for j in job_ids) if r is not None]
@@ -194,5 +233,6 @@ class CampaignService:
             if len(records) == len(job_ids) and all(r.state in settled for r in records):
                 return records
             if time.monotonic() > deadline:
+                log.warning("wait: %s", summarize_jobs(job_ids, records, settled).describe())
                 return records
             time.sleep(poll_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -10,7 +11,15 @@ from schemas.events import RenderRequested, _Payload
 
 
 class EventPublisher(Protocol):
-    def publish(self, topic: str, payload: _Payload, *, key: str, trace_id: str | None = None) -> Any: ...
+    def publish(
+        self,
+        topic: str,
+        payload: _Payload,
+        *,
+        key: str,
+        trace_id: str | None = None,
+        event_id: uuid.UUID | None = None,
+    ) -> Any: ...
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The publish step and takedown.
 
 Publish: re-check consent, download the rendered clip from staging, write the AIGC
-metadata label, sign the C2PA manifest LAST, upload to the distribution bucket, record,
-announce. Then check consent once more: a revocation that raced the upload is caught
-either here or by the takedown worker (which only sees published jobs).
+metadata label, sign the C2PA manifest LAST, upload to the distribution bucket, then its
+captions (never captions without their clip: a publisher killed in between leaves the
+clip alone, and the takeover adds the captions), record, announce. Then check consent
+once more: a revocation that raced the upload is caught either here or by the takedown
+worker (which only sees published jobs).
 
 Takedown: a consent revocation or expiry removes every published clip whose consent no
 longer covers it: the object leaves the distribution bucket, the job moves
@@ -34,7 +36,7 @@ from pipeline.repositories import (
     PublishedClipRepository,
 )
 from pipeline.settings import Settings
-from pipeline.steps import Step, claim_step
+from pipeline.steps import Step, claim_step, published_event_id, taken_down_event_id
 from pipeline.topics import CLIPS_PUBLISHED, CLIPS_TAKEN_DOWN
 from schemas.common import utcnow
 from schemas.events import ClipPublished, ClipTakenDown, ConsentChanged, Decision, Envelope, ModerationDecided
@@ -121,6 +123,7 @@ class TakedownService:
             ClipTakenDown(job_id=job_id, campaign_id=job.campaign_id, object_key=key, reason=reason[:2000]),
             key=str(job_id),
             trace_id=trace_id,
+            event_id=taken_down_event_id(job_id),
         )
         won = self.jobs.transition(
             job_id,
@@ -162,7 +165,7 @@ class PublishService:
         *,
         owner: str,
         signing: Callable[[], SigningMaterial],
-        lease_s: float = 300.0,
+        lease_s: float = 30.0,
     ) -> None:
         self.settings = settings
         self.jobs = jobs
@@ -196,7 +199,7 @@ class PublishService:
             lease_s=self.lease_s,
         )
         if step is None:
-            log.info("publish %s: state %s, not claimable", decided.job_id, job.state)
+            log.info("publish %s: moved on, or a live worker still holds it", decided.job_id)
             return
         with step:
             published = self._publish(step)
@@ -231,10 +234,6 @@ class PublishService:
         # Index the subjects BEFORE the object is public: a revocation must find it.
         self.subjects.index(job_id, req.subjects)
         bucket = self.settings.bucket_distribution
-        # The captions sidecar goes out before the clip, so a published clip always has it.
-        vtt = captions_key(req.campaign_id, req.recipient.id, req.job_id)
-        if self.store.exists(self.settings.bucket_staging, vtt):
-            self.store.copy(self.settings.bucket_staging, vtt, bucket, vtt)
         record = self.published.get(job_id)
         live = self.store.stat(bucket, key)
         if record is not None and live is not None and live.metadata.get("sha256") == record.sha256:
@@ -253,6 +252,11 @@ class PublishService:
                 sha = prepared.sha256
             finally:
                 shutil.rmtree(work, ignore_errors=True)
+        # The captions sidecar follows its clip, before the job is published: a published
+        # clip always has its captions, and captions never appear without their clip.
+        vtt = captions_key(req.campaign_id, req.recipient.id, req.job_id)
+        if self.store.exists(self.settings.bucket_staging, vtt):
+            self.store.copy(self.settings.bucket_staging, vtt, bucket, vtt)
         url = self.store.public_url(key)
         self.published.record(job_id, key, url, sha)
         return step.finish(JobState.PUBLISHED, published_key=key, url=url)
@@ -303,6 +307,7 @@ class PublishService:
             ),
             key=str(job.job_id),
             trace_id=trace_id,
+            event_id=published_event_id(job.job_id),
         )
 
     def _work_root(self) -> Path:

@@ -98,6 +98,9 @@ class CampaignReport:
     pending_review: list[dict[str, Any]]
     published: list[dict[str, Any]]
     jobs: list[JobLine] = field(repr=False)
+    # Jobs the sweeper had to re-drive at least once (pipeline/sweeper.py), and failed jobs.
+    swept: int = 0
+    failed: int = 0
 
     @property
     def total(self) -> int:
@@ -162,6 +165,7 @@ def build_report(
     failures: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []
     published: list[dict[str, Any]] = []
+    swept = 0
     complete = True
     for job_id in job_ids:
         rec = by_id.get(job_id)
@@ -171,6 +175,8 @@ def build_report(
             lines.append(JobLine(str(job_id), "", "", "missing", None, None, False, None, None))
             continue
         counts[rec.state.value] += 1
+        if rec.sweeps_total > 0:
+            swept += 1
         if rec.state not in settled:
             complete = False
         mod = moderation_of(history.get(job_id, []))
@@ -199,6 +205,7 @@ def build_report(
                     "recipient_id": line.recipient_id,
                     "state": line.state,
                     "reason": rec.reason or "",
+                    "swept": rec.sweeps_total,
                 }
             )
         elif rec.state == JobState.NEEDS_REVIEW:
@@ -225,6 +232,8 @@ def build_report(
         pending_review=pending,
         published=published,
         jobs=lines,
+        swept=swept,
+        failed=counts[JobState.FAILED.value],
     )
 
 

@@ -26,6 +26,7 @@ from pipeline.adapters.db import (
     JobEventRow,
     JobRow,
     JobSubjectRow,
+    LockRow,
     ModerationResultRow,
     ProtectedFaceRow,
     PublishedClipRow,
@@ -82,6 +83,9 @@ class JobRecord:
     attempts: int
     created_at: datetime
     updated_at: datetime
+    sweeps: int = 0  # sweeps since the last state change (pipeline/sweeper.py)
+    sweeps_total: int = 0
+    swept_at: datetime | None = None
 
     @property
     def request(self) -> RenderRequested:
@@ -109,6 +113,9 @@ class JobRecord:
             attempts=r.attempts,
             created_at=r.created_at,
             updated_at=r.updated_at,
+            sweeps=r.sweeps or 0,
+            sweeps_total=r.sweeps_total or 0,
+            swept_at=r.swept_at,
         )
 
 
@@ -326,6 +333,8 @@ class JobRepository:
                         state=JobState.REQUESTED.value,
                         request_json=req.model_dump(mode="json"),
                         attempts=0,
+                        sweeps=0,
+                        sweeps_total=0,
                         created_at=now,
                         updated_at=now,
                     )
@@ -383,17 +392,20 @@ class JobRepository:
                 )
             else:
                 return None
+            values: dict[str, Any] = {
+                "state": to_state.value,
+                "claim_token": token,
+                "claimed_by": owner,
+                "lease_expires_at": now + timedelta(seconds=lease_s),
+                "attempts": JobRow.attempts + 1,
+                "updated_at": now,
+            }
+            if prev != to_state:
+                values["sweeps"] = 0  # progress: the sweep count starts again
             result = s.execute(
                 update(JobRow)
                 .where(JobRow.job_id == key, guard)
-                .values(
-                    state=to_state.value,
-                    claim_token=token,
-                    claimed_by=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_s),
-                    attempts=JobRow.attempts + 1,
-                    updated_at=now,
-                )
+                .values(**values)
                 .execution_options(synchronize_session=False)
             )
             if _rowcount(result) != 1:
@@ -444,6 +456,7 @@ class JobRepository:
             "claimed_by": None,
             "lease_expires_at": None,
             "updated_at": now,
+            "sweeps": 0,
             **fields,
         }
         if reason is not None:
@@ -514,6 +527,56 @@ class JobRepository:
                     s.add(_event(key, prev, JobState.FAILED, reason, actor, now))
                     return True
         return False
+
+    def stuck(self, states: Iterable[JobState], *, stale_after_s: float, limit: int = 500) -> list[JobRecord]:
+        """Jobs in `states` whose lease expired, or that made no progress (updated_at) for
+        `stale_after_s`, and that were not swept within `stale_after_s`; oldest first."""
+        now = self._clock()
+        stale = now - timedelta(seconds=stale_after_s)
+        q = (
+            select(JobRow)
+            .where(
+                JobRow.state.in_([JobState(st).value for st in states]),
+                or_(JobRow.swept_at.is_(None), JobRow.swept_at < stale),
+                or_(
+                    JobRow.lease_expires_at < now,
+                    JobRow.updated_at < stale,
+                ),
+            )
+            .order_by(JobRow.updated_at, JobRow.job_id)
+            .limit(limit)
+        )
+        with self._db.session() as s:
+            return [JobRecord._from_row(r) for r in s.scalars(q)]
+
+    def has_live_claim(self, state: JobState) -> bool:
+        """Whether some job is in `state` under a live lease (a worker is at it right now)."""
+        now = self._clock()
+        with self._db.session() as s:
+            found = s.execute(
+                select(JobRow.job_id)
+                .where(JobRow.state == JobState(state).value, JobRow.lease_expires_at > now)
+                .limit(1)
+            ).first()
+            return found is not None
+
+    def mark_swept(self, job: JobRecord) -> bool:
+        """Count one sweep of the job as read (compare-and-set on its state and sweep count,
+        so a job that moved on meanwhile is not counted). The state and updated_at stay."""
+        with self._db.session() as s:
+            result = s.execute(
+                update(JobRow)
+                .where(
+                    JobRow.job_id == _job_key(job.job_id),
+                    JobRow.state == job.state.value,
+                    JobRow.sweeps == job.sweeps,
+                )
+                .values(
+                    sweeps=JobRow.sweeps + 1, sweeps_total=JobRow.sweeps_total + 1, swept_at=self._clock()
+                )
+                .execution_options(synchronize_session=False)
+            )
+            return _rowcount(result) == 1
 
     def history(self, job_id: uuid.UUID | str) -> list[JobEvent]:
         with self._db.session() as s:
@@ -604,6 +667,59 @@ def _event(
         actor=actor,
         at=at,
     )
+
+
+class LockRepository:
+    """Named lease locks (table `locks`): at most one live owner per name. Claimed by
+    compare-and-set, so it works the same on SQLite and PostgreSQL."""
+
+    def __init__(self, db: Database, *, clock: Clock = utcnow) -> None:
+        self._db = db
+        self._clock = clock
+
+    def acquire(self, name: str, owner: str, *, ttl_s: float) -> bool:
+        """Take or renew the lock for `ttl_s` from now: True when `owner` holds it now
+        (it held it already, or the previous owner's lease expired, or nobody had it)."""
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        now = self._clock()
+        until = now + timedelta(seconds=ttl_s)
+        with self._db.session() as s:
+            result = s.execute(
+                update(LockRow)
+                .where(LockRow.name == name, or_(LockRow.owner == owner, LockRow.expires_at < now))
+                .values(owner=owner, expires_at=until)
+                .execution_options(synchronize_session=False)
+            )
+            if _rowcount(result) == 1:
+                return True
+        try:
+            with self._db.session() as s:
+                if s.get(LockRow, name) is not None:
+                    return False
+                s.add(LockRow(name=name, owner=owner, expires_at=until))
+        except IntegrityError:
+            return False  # a concurrent first insert won
+        return True
+
+    def release(self, name: str, owner: str) -> bool:
+        """End the lock now, if `owner` holds it."""
+        with self._db.session() as s:
+            result = s.execute(
+                update(LockRow)
+                .where(LockRow.name == name, LockRow.owner == owner)
+                .values(expires_at=self._clock() - timedelta(microseconds=1))
+                .execution_options(synchronize_session=False)
+            )
+            return _rowcount(result) == 1
+
+    def holder(self, name: str) -> tuple[str, datetime] | None:
+        """The live owner of the lock and its expiry; None when nobody holds it."""
+        with self._db.session() as s:
+            row = s.get(LockRow, name)
+            if row is None or row.expires_at <= self._clock():
+                return None
+            return row.owner, row.expires_at
 
 
 class ConsentRepository:

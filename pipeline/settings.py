@@ -58,6 +58,22 @@ class Settings(BaseSettings):
     outage_backoff_initial_s: float = Field(default=0.5, gt=0)
     retry_backoff_max_s: float = Field(default=15.0, gt=0)
 
+    # --- leases and the job sweeper (docs/architecture.md, "Every accepted job ends") ---
+    # A step's claim on a job lasts this long and is renewed every third of it while the
+    # step works, so a dead worker's job can be taken over within one lease period.
+    step_lease_s: float = Field(default=30.0, gt=0)
+    # `greetflow worker sweep`: seconds between two sweeps.
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+    # A job in a non-final, non-human state is stuck when its lease expired or when it made
+    # no progress (updated_at) for this long; a stuck job is swept again only after as long.
+    sweep_stale_after_s: float = Field(default=180.0, gt=0)
+    # After this many sweeps without progress the job is failed with the reason.
+    sweep_max_attempts: int = Field(default=5, ge=1)
+    # The sweeper's database lock lasts this long (renewed per job and per pass).
+    sweep_lock_s: float = Field(default=120.0, gt=0)
+    # Most jobs handled per sweep.
+    sweep_batch_size: int = Field(default=500, ge=1)
+
     # --- object store (MinIO in production, moto's S3 server locally) ---
     s3_endpoint: str = "http://127.0.0.1:19000"
     s3_access_key: str = "greetflow"

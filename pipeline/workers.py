@@ -1,11 +1,14 @@
 """The consumer-group workers: what each one consumes, and the loop that runs one until
 SIGTERM / SIGINT. Which service handles each topic is wired in pipeline/bootstrap.py
-(`Container.worker(role)`)."""
+(`Container.worker(role)`). Periodic roles (the job sweeper) consume nothing: they run a
+pass every interval under the same SIGTERM handling (`run_periodic_until_signalled`)."""
 
 from __future__ import annotations
 
 import logging
 import signal
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Protocol
@@ -35,6 +38,10 @@ TAKEDOWN = WorkerSpec("takedown", CONSENT_EVENTS, "greetflow-takedown", ConsentC
 SPECS: dict[str, WorkerSpec] = {s.role: s for s in (RENDER, MODERATE, PUBLISH, TAKEDOWN)}
 ROLES: tuple[str, ...] = tuple(SPECS)
 
+SWEEP = "sweep"  # the job sweeper (pipeline/sweeper.py): a periodic loop, not a consumer
+PERIODIC_ROLES: tuple[str, ...] = (SWEEP,)
+ALL_ROLES: tuple[str, ...] = ROLES + PERIODIC_ROLES
+
 
 def worker_spec(role: str) -> WorkerSpec:
     try:
@@ -62,5 +69,42 @@ def run_until_signalled(worker: ConsumerWorker[Any], resources: Closeable) -> in
     try:
         worker.run()
     finally:
+        resources.close()
+    return 0
+
+
+def run_periodic_until_signalled(
+    name: str,
+    tick: Callable[[], object],
+    *,
+    interval_s: float,
+    resources: Closeable,
+    on_stop: Callable[[], object] | None = None,
+) -> int:
+    """Call `tick` every `interval_s` until SIGTERM / SIGINT (the running pass finishes),
+    then `on_stop` and close `resources`. A failing pass (a database or broker outage) is
+    logged and the next one runs on time. Returns the exit status, 0."""
+    logger = logging.getLogger(name)
+    stopping = threading.Event()
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        logger.info("received %s, finishing the current pass", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        while not stopping.is_set():
+            try:
+                tick()
+            except Exception:
+                logger.exception("%s: pass failed; next one in %.0f s", name, interval_s)
+            stopping.wait(interval_s)
+    finally:
+        try:
+            if on_stop is not None:
+                on_stop()
+        except Exception:
+            logger.exception("%s: could not clean up", name)
         resources.close()
     return 0

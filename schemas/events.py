@@ -133,10 +133,12 @@ class Envelope(BaseModel, Generic[P]):
     payload: P
 
     @classmethod
-    def wrap(cls, payload: P, trace_id: str | None = None) -> Envelope[P]:
+    def wrap(cls, payload: P, trace_id: str | None = None, id: uuid.UUID | None = None) -> Envelope[P]:
         kwargs: dict[str, Any] = {}
         if trace_id:
             kwargs["trace_id"] = trace_id
+        if id is not None:
+            kwargs["id"] = id
         model: Any = Envelope[type(payload)]  # type: ignore[misc]
         env: Envelope[P] = model(
             type=payload.event_type, schema_version=payload.schema_version, payload=payload, **kwargs

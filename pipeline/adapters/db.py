@@ -104,11 +104,25 @@ class JobRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # Migration 0004: sweeps since the job's last state change, sweeps ever, the last sweep.
+    sweeps: Mapped[int] = mapped_column(Integer, default=0)
+    sweeps_total: Mapped[int] = mapped_column(Integer, default=0)
+    swept_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
     __table_args__ = (
         Index("ix_jobs_campaign_id_state", "campaign_id", "state"),
         Index("ix_jobs_state", "state"),
     )
+
+
+class LockRow(Base):
+    """A named lease lock (migration 0004), claimed by compare-and-set: the job sweeper's."""
+
+    __tablename__ = "locks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class JobEventRow(Base):

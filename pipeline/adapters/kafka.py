@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -105,9 +106,16 @@ class EventBus:
             ) from exc
 
     def publish(
-        self, topic: str, payload: _Payload, *, key: str, trace_id: str | None = None
+        self,
+        topic: str,
+        payload: _Payload,
+        *,
+        key: str,
+        trace_id: str | None = None,
+        event_id: uuid.UUID | None = None,
     ) -> Envelope[Any]:
-        env = Envelope.wrap(payload, trace_id=trace_id)
+        """`event_id`: the envelope id (deterministic for re-announcements); None: a random one."""
+        env = Envelope.wrap(payload, trace_id=trace_id, id=event_id)
         self.send_raw(topic, env.model_dump_json().encode(), key=key)
         return env
 

@@ -99,10 +99,13 @@ def _print_jobs(records: Sequence[Any]) -> None:
     from rich.table import Table
 
     table = Table()
-    for col in ("job", "campaign", "recipient", "state", "url / reason"):
+    for col in ("job", "campaign", "recipient", "state", "swept", "url / reason"):
         table.add_column(col, overflow="fold")
     for r in records:
-        table.add_row(str(r.job_id), r.campaign_id, r.recipient_id, r.state.value, r.url or r.reason or "")
+        swept = str(r.sweeps_total) if getattr(r, "sweeps_total", 0) else ""
+        table.add_row(
+            str(r.job_id), r.campaign_id, r.recipient_id, r.state.value, swept, r.url or r.reason or ""
+        )
     Console().print(table)
 
 

@@ -32,10 +32,11 @@ from pipeline.repositories import (
     JobRecord,
     JobRepository,
     LikenessGallery,
+    ModerationResult,
     ModerationResultRepository,
 )
 from pipeline.settings import Settings
-from pipeline.steps import claim_step
+from pipeline.steps import claim_step, decision_event_id
 from pipeline.topics import MODERATION_DECISIONS
 from schemas.common import Scope, utcnow
 from schemas.events import (
@@ -80,7 +81,7 @@ class ModerationService:
         policy: ModerationPolicy | None = None,
         abuse: AbuseLists | None = None,
         extra_checks: Sequence[Check] = (),
-        lease_s: float = 300.0,
+        lease_s: float = 30.0,
     ) -> None:
         self.settings = settings
         self.jobs = jobs
@@ -107,7 +108,7 @@ class ModerationService:
                 # Re-announce: we may have crashed between recording and announcing.
                 last = self.results.latest(job.job_id)
                 found = last.findings if last else ()
-                self._announce(job, Decision.APPROVED, found, job.reason or "", env.trace_id)
+                self._announce(job, Decision.APPROVED, found, job.reason or "", env.trace_id, last)
             return
         step = claim_step(
             self.jobs,
@@ -124,7 +125,9 @@ class ModerationService:
             findings = self.policy.apply(self._moderate(step.job, clip))
             decision = self.policy.decide(findings)
             reason = summarize(findings)
-            self.results.record(clip.job_id, decision, findings, decided_by=self.owner, reason=reason)
+            result = self.results.record(
+                clip.job_id, decision, findings, decided_by=self.owner, reason=reason
+            )
             won = step.finish(JobState(decision.value), reason=reason or None)
         if won:
             log.info(
@@ -133,7 +136,7 @@ class ModerationService:
                 decision.value,
                 reason or f"{len(findings)} findings, all info",
             )
-            self._announce(step.job, decision, findings, reason, env.trace_id)
+            self._announce(step.job, decision, findings, reason, env.trace_id, result)
 
     def _moderate(self, job: JobRecord, clip: ClipRendered) -> list[Finding]:
         req = job.request
@@ -229,6 +232,7 @@ class ModerationService:
         findings: Sequence[Finding],
         reason: str,
         trace_id: str,
+        result: ModerationResult | None,
     ) -> None:
         self.events.publish(
             MODERATION_DECISIONS,
@@ -242,6 +246,7 @@ class ModerationService:
             ),
             key=str(job.job_id),
             trace_id=trace_id,
+            event_id=decision_event_id(job.job_id, decision, result),
         )
 
     def _work_root(self) -> Path:

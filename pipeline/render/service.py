@@ -13,7 +13,7 @@ from pipeline.keys import captions_key, clip_key, poster_key
 from pipeline.ports import EventPublisher, Renderer
 from pipeline.repositories import JobRepository
 from pipeline.settings import Settings
-from pipeline.steps import claim_step
+from pipeline.steps import claim_step, event_id
 from pipeline.topics import RENDER_RESULTS
 from schemas.events import ClipRendered, Envelope, RenderRequested
 from schemas.jobs import JobState
@@ -34,7 +34,7 @@ class RenderService:
         renderer: Renderer,
         *,
         owner: str,
-        lease_s: float = 300.0,
+        lease_s: float = 30.0,
     ) -> None:
         self.settings = settings
         self.jobs = jobs
@@ -66,7 +66,7 @@ class RenderService:
             lease_s=self.lease_s,
         )
         if step is None:
-            log.info("render %s: another worker holds it", req.job_id)
+            log.info("render %s: moved on, or a live worker still holds it", req.job_id)
             return
         with step:
             vkey, pkey = self._render(req)
@@ -109,28 +109,43 @@ class RenderService:
         return self.store.get_file(bucket, key, work / ("photo" + Path(key).suffix.lower()))
 
     def _announce(self, req: RenderRequested, trace_id: str) -> None:
-        vkey = clip_key(req.campaign_id, req.recipient.id, req.job_id)
-        info = self.store.stat(self.settings.bucket_staging, vkey)
-        if info is None:
-            raise RuntimeError(f"render {req.job_id}: staging object {vkey} is missing")
-        self.events.publish(
-            RENDER_RESULTS,
-            ClipRendered(
-                job_id=req.job_id,
-                campaign_id=req.campaign_id,
-                recipient_id=req.recipient.id,
-                staging_key=vkey,
-                poster_key=poster_key(req.campaign_id, req.recipient.id, req.job_id),
-                sha256=info.metadata["sha256"],
-                duration_s=float(info.metadata["duration"]),
-                width=int(info.metadata["width"]),
-                height=int(info.metadata["height"]),
-            ),
-            key=str(req.job_id),
-            trace_id=trace_id,
-        )
+        announce_rendered(self.events, self.store, self.settings.bucket_staging, req, trace_id=trace_id)
 
     def _work_root(self) -> Path:
         root = self.settings.resolved_render_dir
         root.mkdir(parents=True, exist_ok=True)
         return root
+
+
+def rendered_event(store: ObjectStore, bucket: str, req: RenderRequested) -> ClipRendered:
+    """The ClipRendered of a recorded render, rebuilt from its staging object's metadata."""
+    vkey = clip_key(req.campaign_id, req.recipient.id, req.job_id)
+    info = store.stat(bucket, vkey)
+    if info is None:
+        raise RuntimeError(f"render {req.job_id}: staging object {vkey} is missing")
+    return ClipRendered(
+        job_id=req.job_id,
+        campaign_id=req.campaign_id,
+        recipient_id=req.recipient.id,
+        staging_key=vkey,
+        poster_key=poster_key(req.campaign_id, req.recipient.id, req.job_id),
+        sha256=info.metadata["sha256"],
+        duration_s=float(info.metadata["duration"]),
+        width=int(info.metadata["width"]),
+        height=int(info.metadata["height"]),
+    )
+
+
+def announce_rendered(
+    events: EventPublisher, store: ObjectStore, bucket: str, req: RenderRequested, *, trace_id: str | None
+) -> None:
+    """render.results for a recorded render; the envelope id is the same at every
+    re-announcement (job id, event type, clip sha256)."""
+    clip = rendered_event(store, bucket, req)
+    events.publish(
+        RENDER_RESULTS,
+        clip,
+        key=str(req.job_id),
+        trace_id=trace_id,
+        event_id=event_id(req.job_id, ClipRendered.event_type, clip.sha256),
+    )

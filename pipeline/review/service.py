@@ -41,6 +41,7 @@ from pipeline.review.repository import (
     SessionInfo,
 )
 from pipeline.settings import Settings
+from pipeline.steps import decision_event_id
 from pipeline.topics import MODERATION_DECISIONS
 from schemas.events import Decision, Finding, ModerationDecided, Severity
 from schemas.jobs import JobState
@@ -379,6 +380,7 @@ class ReviewService:
                 reason=reason[: MAX_REASON_CHARS * 2],
             ),
             key=str(job.job_id),
+            event_id=decision_event_id(job.job_id, decision, self.results.latest(job.job_id)),
         )
 
     def reannounce_stuck(self, older_than_s: float = 300.0) -> list[uuid.UUID]:

@@ -37,7 +37,9 @@ class Events:
     def __init__(self) -> None:
         self.sent: list[Any] = []
 
-    def publish(self, topic: str, payload: Any, *, key: str, trace_id: str | None = None) -> None:
+    def publish(
+        self, topic: str, payload: Any, *, key: str, trace_id: str | None = None, event_id: Any = None
+    ) -> None:
         self.sent.append(payload)
 
 

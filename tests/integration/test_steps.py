@@ -42,8 +42,9 @@ def new_job(db: Database, clock: FakeClock) -> tuple[JobRepository, uuid.UUID]:
 def render_step(
     jobs: JobRepository, job_id: uuid.UUID, owner: str = "w1", lease_s: float = 60
 ) -> Step | None:
+    # No takeover wait: these tests move a fake clock (tests/integration/test_leases.py waits).
     return claim_step(
-        jobs, job_id, from_states=[S.REQUESTED], to_state=S.RENDERING, owner=owner, lease_s=lease_s
+        jobs, job_id, from_states=[S.REQUESTED], to_state=S.RENDERING, owner=owner, lease_s=lease_s, wait_s=0
     )
 
 

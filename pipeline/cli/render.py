@@ -147,6 +147,22 @@ def cmd_bench_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_faults(args: argparse.Namespace) -> int:
+    from pipeline.bench_faults import run_bench
+    from pipeline.bootstrap import Container
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    result = run_bench(args.jobs, make_container=Container, say=say)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        for name, row in {**result["scenarios"], "total": result["total"]}.items():
+            print(f"{name}: {row}")
+    return 0
+
+
 def register(sub: Any) -> None:
     tpl = sub.add_parser("template", help="greeting templates: validate, list, preview")
     tsub = tpl.add_subparsers(dest="template_command", required=True)
@@ -187,3 +203,7 @@ def register(sub: Any) -> None:
     br.add_argument("--size", type=_size, default=None)
     br.add_argument("--json", action="store_true")
     br.set_defaults(func=cmd_bench_render)
+    bf = bsub.add_parser("faults", help="kill -9 a render worker, the moderator, the publisher mid-batch")
+    bf.add_argument("--jobs", type=int, default=30, help="jobs per scenario")
+    bf.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
+    bf.set_defaults(func=cmd_bench_faults)

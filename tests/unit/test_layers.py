@@ -26,7 +26,7 @@ ENTRY_POINTS = frozenset(
 # What pipeline/adapters may import of pipeline (besides other adapters).
 ADAPTER_DEPENDENCIES = frozenset({"pipeline.settings", "pipeline.errors", "pipeline.topics"})
 # The dev stack needs the `dev` extra: only these (and pipeline.dev itself) may import it.
-DEV_STACK_USERS = frozenset({"pipeline.cli", "pipeline.demo"})
+DEV_STACK_USERS = frozenset({"pipeline.cli", "pipeline.demo", "pipeline.bench_faults"})
 
 
 def _within(name: str, prefix: str) -> bool:

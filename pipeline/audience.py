@@ -8,8 +8,20 @@ Where the audience comes from (`audience_source`):
 - **parquet**: `audience_key` ending in `.parquet`, an object in the assets bucket (read
   with pyarrow, batch by batch);
 - **sql**: `audience_key` ending in `.sql`, an object in the assets bucket holding ONE
-  SELECT statement, run against `Settings.audience_database_url` (default: the Greetflow
-  database) in a read-only transaction, streamed.
+  SELECT statement, run against `Settings.audience_database_url` and never against the
+  Greetflow database (refused when that setting is empty, names the Greetflow database,
+  or points at a database holding Greetflow's tables). The query runs in a read-only
+  transaction with a statement timeout (PostgreSQL: `SET TRANSACTION READ ONLY` and
+  `SET LOCAL statement_timeout`; SQLite: a read-only open, `query_only`, a progress
+  handler that interrupts it after the timeout, and an authorizer that allows reading
+  and nothing else), streamed, at most `audience_max_rows` rows. A query that reads one
+  of Greetflow's own tables (jobs, reviewers, consents, ...) is refused: SQLite's
+  authorizer sees every table read, PostgreSQL's plan (`EXPLAIN`) names every relation.
+
+CSV cells are data, never formulas: they are parsed with the csv module and validated,
+nothing in them is evaluated, and a cell that a spreadsheet would run (`=`, `+`, `-`,
+`@`, tab or CR first) is kept as the text it is; the CSV report neutralizes such cells
+when it writes them (pipeline/reports.py).
 
 Every external row has the columns of a `Recipient`: `id` (or `recipient_id`), `name`,
 and optionally `locale` (empty: the brief's `default_locale`), `photo_key` and
@@ -25,15 +37,20 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import sqlite3
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from pipeline.adapters.storage import ObjectStore
+from pipeline.briefs import one_line
 from pipeline.errors import PermanentError
 from pipeline.settings import Settings
 from schemas.brief import CampaignBrief, Recipient
@@ -234,35 +251,232 @@ def check_select(query: str) -> str:
     return body
 
 
-def _sql_rows(query: str, url: str, batch_size: int) -> Iterator[tuple[int, dict[str, Any]]]:
-    from sqlalchemy import create_engine, text
+# Tables of Greetflow's own schema that an audience query may never read. The migrations
+# are read too, so a table added later is covered without editing this list.
+_OWN_TABLES = frozenset(
+    {
+        "alembic_version",
+        "jobs",
+        "job_events",
+        "job_subjects",
+        "locks",
+        "consents",
+        "consent_challenges",
+        "subject_faces",
+        "protected_faces",
+        "moderation_results",
+        "published_clips",
+        "reviewers",
+        "review_cases",
+        "review_leases",
+        "review_audit",
+        "review_sessions",
+        "review_login_throttle",
+    }
+)
+_CREATE_TABLE_RE = re.compile(r"create_table\(\s*[\"']([A-Za-z_][A-Za-z0-9_]*)[\"']")
+
+
+@lru_cache(maxsize=1)
+def own_tables() -> frozenset[str]:
+    names = set(_OWN_TABLES)
+    versions = Path(__file__).resolve().parent / "migrations" / "versions"
+    for f in versions.glob("*.py"):
+        names.update(_CREATE_TABLE_RE.findall(f.read_text(encoding="utf-8")))
+    return frozenset(names)
+
+
+def _same_database(a: Any, b: Any) -> bool:
+    """Whether two URLs name one database (credentials and options do not matter)."""
+    if a.get_backend_name() != b.get_backend_name():
+        return False
+    if a.get_backend_name() == "sqlite":
+        da, db = a.database or "", b.database or ""
+        if da in ("", ":memory:") or db in ("", ":memory:"):
+            return False
+        return Path(da).resolve() == Path(db).resolve()
+    return (a.host or "localhost", a.port or 5432, a.database) == (
+        b.host or "localhost",
+        b.port or 5432,
+        b.database,
+    )
+
+
+def audience_url(settings: Settings) -> Any:
+    """The audience database URL, refused when it is unset or names the Greetflow database."""
+    from sqlalchemy.engine import make_url
 
     from pipeline.adapters.db import normalize_url
 
-    engine = create_engine(normalize_url(url))
+    raw = settings.audience_database_url.get_secret_value().strip()
+    if not raw:
+        raise AudienceError(
+            "SQL audiences need their own database: set GREETFLOW_AUDIENCE_DATABASE_URL (a read-only "
+            "user on the CRM database); they never run on the Greetflow database"
+        )
+    try:
+        url = normalize_url(raw)
+        own = normalize_url(make_url(settings.resolved_database_url))
+    except Exception as exc:  # sqlalchemy's ArgumentError, ValueError for an unknown backend
+        raise AudienceError(f"GREETFLOW_AUDIENCE_DATABASE_URL is not a usable database URL: {exc}") from None
+    if _same_database(url, own):
+        raise AudienceError(
+            "GREETFLOW_AUDIENCE_DATABASE_URL names the Greetflow database; SQL audiences never run there"
+        )
+    return url
+
+
+def _refuse_own_schema(found: Iterable[str]) -> None:
+    hits = sorted(set(found) & own_tables())
+    if "alembic_version" in hits or len(hits) >= 3:
+        raise AudienceError(
+            "the audience database holds Greetflow's own tables "
+            f"({', '.join(hits[:6])}); SQL audiences never run on the Greetflow database"
+        )
+
+
+def _refuse_own_tables(read: Iterable[str]) -> None:
+    hits = sorted({t.lower() for t in read} & own_tables())
+    if hits:
+        raise AudienceError(f"the audience query reads Greetflow's own table(s) {', '.join(hits)}; refused")
+
+
+def _check_columns(names: Iterable[str]) -> None:
+    cols = set(names)
+    if not ({"id", "recipient_id"} & cols) or "name" not in cols:
+        raise AudienceError(f"SQL audience columns {sorted(cols)} need 'id' and 'name'")
+
+
+def _capped(rows: Iterator[dict[str, Any]], max_rows: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    for row_no, row in enumerate(rows, start=1):
+        if row_no > max_rows:
+            raise AudienceError(
+                f"the audience query returned more than {max_rows} rows (GREETFLOW_AUDIENCE_MAX_ROWS); "
+                "nothing is sent to a cut-off audience"
+            )
+        yield row_no, row
+
+
+def _sqlite_rows(query: str, path: str, *, timeout_s: float, batch_size: int) -> Iterator[dict[str, Any]]:
+    if path in ("", ":memory:"):
+        raise AudienceError("a SQLite audience database must be a file")
+    if not Path(path).is_file():
+        raise AudienceError(f"the SQLite audience database {path} does not exist")
+    conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        tables = [
+            r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")
+        ]
+        _refuse_own_schema(tables)
+        conn.execute("PRAGMA query_only = ON")
+        read: set[str] = set()
+        own = own_tables()
+
+        def authorize(
+            action: int, arg1: str | None, arg2: str | None, dbname: str | None, source: str | None
+        ) -> int:
+            if action == sqlite3.SQLITE_READ:
+                if arg1 is not None and arg1.lower() in own:
+                    read.add(arg1)
+                    return sqlite3.SQLITE_DENY
+                return sqlite3.SQLITE_OK
+            if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE):
+                return sqlite3.SQLITE_OK
+            return sqlite3.SQLITE_DENY
+
+        deadline = time.monotonic() + timeout_s
+        timed_out = False
+
+        def progress() -> int:
+            nonlocal timed_out
+            timed_out = time.monotonic() > deadline
+            return 1 if timed_out else 0
+
+        conn.set_authorizer(authorize)
+        conn.set_progress_handler(progress, 10_000)
+        try:
+            cur = conn.execute(query)
+            names = [d[0] for d in cur.description or ()]
+            _check_columns(names)
+            while batch := cur.fetchmany(batch_size):
+                for row in batch:
+                    yield dict(zip(names, row, strict=True))
+        except sqlite3.DatabaseError as exc:
+            if read:
+                _refuse_own_tables(read)
+            if timed_out:
+                raise AudienceError(
+                    f"the audience query ran longer than {timeout_s:g} s "
+                    "(GREETFLOW_AUDIENCE_STATEMENT_TIMEOUT_S)"
+                ) from None
+            raise AudienceError(f"the audience query failed: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _plan_relations(plan: Any) -> set[str]:
+    """Every relation an EXPLAIN (FORMAT JSON) plan scans (walked without recursion)."""
+    out: set[str] = set()
+    stack = [plan]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("Relation Name"), str):
+                out.add(node["Relation Name"])
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return out
+
+
+def _postgres_rows(query: str, url: Any, *, timeout_s: float, batch_size: int) -> Iterator[dict[str, Any]]:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    engine = create_engine(url, pool_pre_ping=False)
     try:
         with engine.connect() as conn:
-            if engine.dialect.name == "sqlite":
-                conn.exec_driver_sql("PRAGMA query_only = ON")
-            elif engine.dialect.name == "postgresql":
-                conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, round(timeout_s * 1000))}")
             try:
+                tables = conn.execute(
+                    text("SELECT table_name FROM information_schema.tables WHERE table_name = ANY(:names)"),
+                    {"names": sorted(own_tables())},
+                ).scalars()
+                _refuse_own_schema(tables)
+                plan = conn.execute(text(f"EXPLAIN (FORMAT JSON) {query}")).scalar()
+                _refuse_own_tables(_plan_relations(json.loads(plan) if isinstance(plan, str) else plan))
                 result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(
-                    text(check_select(query))
+                    text(query)
                 )
-                names = set(result.keys())
-                if not ({"id", "recipient_id"} & names) or "name" not in names:
-                    raise AudienceError(f"SQL audience columns {sorted(names)} need 'id' and 'name'")
-                row_no = 0
+                names = list(result.keys())
+                _check_columns(names)
                 for part in result.mappings().partitions(batch_size):
                     for row in part:
-                        row_no += 1
-                        yield row_no, dict(row)
-            finally:
-                if engine.dialect.name == "sqlite":
-                    conn.exec_driver_sql("PRAGMA query_only = OFF")
+                        yield dict(row)
+            except DBAPIError as exc:
+                if "statement timeout" in str(exc.orig):
+                    raise AudienceError(
+                        f"the audience query ran longer than {timeout_s:g} s "
+                        "(GREETFLOW_AUDIENCE_STATEMENT_TIMEOUT_S)"
+                    ) from None
+                if isinstance(exc, OperationalError) and exc.connection_invalidated:
+                    raise
+                raise AudienceError(f"the audience query failed: {one_line(str(exc.orig))}") from None
     finally:
         engine.dispose()
+
+
+def sql_rows(query: str, settings: Settings, *, batch_size: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Numbered rows of an audience query on the audience database (see the module doc)."""
+    url = audience_url(settings)
+    body = check_select(query)
+    timeout = settings.audience_statement_timeout_s
+    if url.get_backend_name() == "sqlite":
+        rows = _sqlite_rows(body, url.database or "", timeout_s=timeout, batch_size=batch_size)
+    else:
+        rows = _postgres_rows(body, url, timeout_s=timeout, batch_size=batch_size)
+    yield from _capped(rows, settings.audience_max_rows)
 
 
 def iter_audience(
@@ -286,9 +500,13 @@ def iter_audience(
     if src.key is None:
         raise AudienceError(f"audience {src.describe()} names no object key")
     if src.kind == "sql":
-        query = store.get_bytes(settings.bucket_assets, src.key).decode("utf-8")
-        url = settings.audience_database_url.get_secret_value() or settings.resolved_database_url
-        yield from v.chunks(_sql_rows(query, url, size))
+        audience_url(settings)  # refused before anything is read
+        raw = store.get_bytes(settings.bucket_assets, src.key)
+        try:
+            query = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise AudienceError(f"audience {src.describe()}: not UTF-8 text") from None
+        yield from v.chunks(sql_rows(query, settings, batch_size=size))
         return
     with tempfile.TemporaryDirectory(prefix="greetflow-audience-") as tmp:
         path = store.get_file(settings.bucket_assets, src.key, Path(tmp) / f"audience{Path(src.key).suffix}")

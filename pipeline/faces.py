@@ -3,9 +3,12 @@
 Models come from the face-recognition-models package (found without importing it: its
 __init__ imports pkg_resources) or from `settings.likeness_models_dir`. Nothing is
 downloaded. Detection is dlib's HOG frontal-face detector: fast on a CPU, blind to
-profiles and small faces, so a clip is sampled at a fixed analysis width (faces from
-about 80 px at that width). Consent (reference faces) and moderation (who is in a clip)
-both use this module; the rules that judge the faces live with them.
+profiles, and it finds faces from about 80 px only. So a photo is rescaled before detection
+(its short side to 1200 px: faces from about 7 % of it, however small the file), a clip is
+sampled at a fixed analysis width, and where a clip may show a small face (where the
+renderer draws the photo) that part of a frame is upscaled until the smallest face that
+must be found (`likeness_min_face_px`) is 80 px. Consent (reference faces) and moderation
+(who is in a clip) both use this module; the rules that judge the faces live with them.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import math
 import queue
 import re
 import subprocess
 import threading
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +39,11 @@ MODEL_NAME = "dlib-resnet-v1"
 
 _MODEL_FILES = ("shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat")
 _HOG_WINDOW_PX = 80  # dlib's frontal detector finds faces from about this size
+_PHOTO_SHORT_SIDE = 1200  # a photo is detected at this short side (faces from ~7 % of it)
+_PHOTO_MAX_PIXELS = 6_000_000  # ... unless that makes it larger than this (a panorama)
+PHOTO_MAX_SIDE = 4096  # photos are decoded at most this large for detection
+_MAX_REGION_SCALE = 4.0  # upscaling a frame region further only magnifies blur
+_CACHE_ENTRIES = 512
 
 
 class LikenessError(PermanentError):
@@ -86,29 +96,90 @@ class FaceEngine:
         self._encoder = dlib.face_recognition_model_v1(str(d / _MODEL_FILES[1]))
         self._dlib = dlib
         self._lock = threading.Lock()
+        # Detections by image content: the shared intro and outro of a template decode to
+        # the same pixels in every clip, so their frames are analysed once per process.
+        self._cache: OrderedDict[tuple[bytes, tuple[int, ...], int], tuple[DetectedFace, ...]] = OrderedDict()
 
-    def detect(self, rgb: np.ndarray, *, upsample: int = 0) -> list[DetectedFace]:
-        """Faces in an RGB uint8 image, highest detection score first."""
+    def detect(
+        self,
+        rgb: np.ndarray,
+        *,
+        upsample: int = 0,
+        cache: bool = False,
+        skip: Callable[[tuple[int, int, int, int]], bool] | None = None,
+    ) -> list[DetectedFace]:
+        """Faces in an RGB uint8 image, highest detection score first. With `cache`, the
+        result is kept by the image's content hash and reused for identical pixels. A
+        detection whose box `skip` accepts is dropped before it is embedded (the costly
+        part); such a search is not cached."""
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError("detect() needs an RGB uint8 image of shape (h, w, 3)")
         img = np.ascontiguousarray(rgb)
+        key = None
+        if cache and skip is None:
+            key = (hashlib.blake2b(img.data, digest_size=20).digest(), img.shape, upsample)
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                    return list(hit)
         out: list[DetectedFace] = []
         with self._lock:
             rects, scores, _ = self._detector.run(img, upsample, 0.0)
             for rect, score in zip(rects, scores, strict=True):
                 if score < self.min_score:
                     continue
-                shape = self._shape(img, rect)
-                desc = self._encoder.compute_face_descriptor(img, shape)
                 box = (
                     max(0, rect.left()),
                     max(0, rect.top()),
                     min(img.shape[1], rect.right()),
                     min(img.shape[0], rect.bottom()),
                 )
+                if skip is not None and skip(box):
+                    continue
+                shape = self._shape(img, rect)
+                desc = self._encoder.compute_face_descriptor(img, shape)
                 out.append(DetectedFace(box=box, score=float(score), embedding=tuple(float(v) for v in desc)))
-        out.sort(key=lambda f: -f.score)
+            out.sort(key=lambda f: -f.score)
+            if key is not None:
+                self._cache[key] = tuple(out)
+                while len(self._cache) > _CACHE_ENTRIES:
+                    self._cache.popitem(last=False)
         return out
+
+    def detect_scaled(
+        self,
+        rgb: np.ndarray,
+        region: tuple[int, int, int, int],
+        scale: float,
+        *,
+        cache: bool = False,
+        skip: Callable[[tuple[int, int, int, int]], bool] | None = None,
+    ) -> list[DetectedFace]:
+        """Faces in `region` (x0, y0, x1, y1) of `rgb`, searched at `scale` times its size
+        (so faces from 80 / scale px are found); boxes (and `skip`'s) in `rgb`'s pixels."""
+        h, w = rgb.shape[:2]
+        x0, y0 = max(0, region[0]), max(0, region[1])
+        x1, y1 = min(w, region[2]), min(h, region[3])
+        if x1 - x0 < 8 or y1 - y0 < 8:
+            return []
+        crop = rgb[y0:y1, x0:x1]
+        if abs(scale - 1.0) > 0.02:
+            size = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
+            method = Image.Resampling.BICUBIC if scale > 1.0 else Image.Resampling.LANCZOS
+            crop = np.asarray(Image.fromarray(crop).resize(size, method))
+        sx, sy = crop.shape[1] / (x1 - x0), crop.shape[0] / (y1 - y0)
+
+        def back(b: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+            return (
+                x0 + int(b[0] / sx),
+                y0 + int(b[1] / sy),
+                min(w, x0 + round(b[2] / sx)),
+                min(h, y0 + round(b[3] / sy)),
+            )
+
+        found = self.detect(crop, cache=cache, skip=None if skip is None else (lambda b: skip(back(b))))
+        return [DetectedFace(box=back(f.box), score=f.score, embedding=f.embedding) for f in found]
 
 
 @lru_cache(maxsize=4)
@@ -137,11 +208,24 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def photo_detection_scale(width: int, height: int) -> float:
+    """How much a photo is scaled for detection: its short side to 1200 px (a small photo is
+    upscaled, a large one reduced), at most 6 megapixels in all."""
+    return min(_PHOTO_SHORT_SIDE / min(width, height), math.sqrt(_PHOTO_MAX_PIXELS / (width * height)))
+
+
+def faces_in_rgb(engine: FaceEngine, rgb: np.ndarray) -> list[DetectedFace]:
+    """Faces in a decoded photo, whatever its size: detected at `photo_detection_scale`,
+    boxes in `rgb`'s pixels."""
+    h, w = rgb.shape[:2]
+    if min(h, w) < 8:
+        return []
+    return engine.detect_scaled(rgb, (0, 0, w, h), photo_detection_scale(w, h))
+
+
 def faces_in_photo(engine: FaceEngine, path: Path) -> list[DetectedFace]:
-    """Faces in a photo; small photos are upsampled once so faces from ~40 px are found."""
-    rgb = load_rgb(path)
-    upsample = 1 if max(rgb.shape[:2]) < 1200 else 0
-    return engine.detect(rgb, upsample=upsample)
+    """Faces in a photo file (`faces_in_rgb` of the photo decoded at most 4096 px large)."""
+    return faces_in_rgb(engine, load_rgb(path, max_side=PHOTO_MAX_SIDE))
 
 
 def reference_embedding(engine: FaceEngine, path: Path) -> FaceEmbedding:
@@ -308,9 +392,71 @@ def crop_jpeg(image: np.ndarray, box: tuple[int, int, int, int], *, size: int = 
     return out.getvalue()
 
 
-def faces_in_frame(engine: FaceEngine, frame: Frame, *, keep_crops: bool = True) -> list[FaceSighting]:
+@dataclass(frozen=True)
+class FaceRegion:
+    """Where and when a clip may show a face smaller than a whole-frame search finds (where
+    the renderer draws the subject photo): a box in fractions of the frame, a time span."""
+
+    start_s: float
+    end_s: float
+    box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)  # x0, y0, x1, y1
+
+    def covers(self, t: float) -> bool:
+        # half-open: the frame at end_s already belongs to the next (shared) segment
+        return self.start_s - 1e-3 <= t < self.end_s - 1e-3
+
+    def pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
+        x0, y0, x1, y1 = self.box
+        return (
+            max(0, int(x0 * width)),
+            max(0, int(y0 * height)),
+            min(width, round(x1 * width)),
+            min(height, round(y1 * height)),
+        )
+
+
+REFERENCE_HEIGHT_PX = 1920
+"""`likeness_min_face_px` is in pixels of a frame this high; it scales with a clip's height."""
+
+
+def small_face_scale(min_face_px: float, *, src_height: int, src_width: int, analysis_width: int) -> float:
+    """The factor (1 = none) a frame region is upscaled by so that a face of `min_face_px` at
+    1920 px of clip height reaches the detector's 80 px in the analysed frame (at most 4)."""
+    face = min_face_px * src_height / REFERENCE_HEIGHT_PX * analysis_width / src_width
+    if face <= 0:
+        return _MAX_REGION_SCALE
+    return min(_MAX_REGION_SCALE, max(1.0, _HOG_WINDOW_PX / face))
+
+
+def _inside(box: tuple[int, int, int, int], other: tuple[int, int, int, int]) -> bool:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return other[0] <= cx <= other[2] and other[1] <= cy <= other[3]
+
+
+def faces_in_frame(
+    engine: FaceEngine,
+    frame: Frame,
+    *,
+    keep_crops: bool = True,
+    regions: Sequence[FaceRegion] = (),
+    region_scale: float = 1.0,
+) -> list[FaceSighting]:
+    """Faces of one sampled frame: the whole frame at its size, and each region covering the
+    frame's time upscaled by `region_scale` (a face found by both counts once)."""
+    faces = engine.detect(frame.image, cache=True)
+    if region_scale > 1.0:
+        h, w = frame.image.shape[:2]
+        for region in regions:
+            if not region.covers(frame.t):
+                continue
+            known = list(faces)
+
+            def seen(box: tuple[int, int, int, int], known: list[DetectedFace] = known) -> bool:
+                return any(_inside(box, f.box) or _inside(f.box, box) for f in known)
+
+            faces.extend(engine.detect_scaled(frame.image, region.pixels(w, h), region_scale, skip=seen))
     out = []
-    for face in engine.detect(frame.image, upsample=0):
+    for face in faces:
         out.append(
             FaceSighting(
                 t=frame.t,

@@ -25,3 +25,14 @@ def sidecar_of(clip_object_key: str, ext: str) -> str:
     if not dot:
         raise ValueError(f"not a clip key: {clip_object_key!r}")
     return validate_key(f"{stem}.{ext}")
+
+
+def generation_key(campaign_id: str, recipient_id: str, job_id: uuid.UUID) -> str:
+    """The staging record of how the clip was generated: models, parameters, plates,
+    reference assets (the publish step writes it into the C2PA manifest)."""
+    return clip_key(campaign_id, recipient_id, job_id, "generation.json")
+
+
+def drawn_texts_key(campaign_id: str, recipient_id: str, job_id: uuid.UUID) -> str:
+    """The staging record of the texts the renderer drew on the clip (schemas.events.DrawnTexts)."""
+    return clip_key(campaign_id, recipient_id, job_id, "texts.json")

@@ -189,6 +189,27 @@ class GeneratedSource(_Model):
     steps: int = Field(default=25, ge=1, le=200)
 
 
+class GeneratedVideoSource(_Model):
+    """A moving plate made by the text-to-video backend (docs/generation.md), generated once
+    per content hash (model fingerprint + every field here) and shared by every render node.
+    The plate fills the template's duration by `fill` and is scaled and cropped to cover
+    the canvas (9:16 at 1080x1920, or the 2K variant)."""
+
+    kind: Literal["generated_video"] = "generated_video"
+    prompt: str = Field(min_length=1, max_length=1000)
+    negative_prompt: str = Field(default="", max_length=1000)
+    # None: the worker's GREETFLOW_VIDEO_{SEED,FRAMES,FPS,STEPS,GUIDANCE}
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    frames: int | None = Field(default=None, ge=9, le=257)
+    fps: int | None = Field(default=None, ge=8, le=60)
+    steps: int | None = Field(default=None, ge=1, le=200)
+    guidance: float | None = Field(default=None, ge=0.0, le=30.0)
+    fill: Literal["loop", "pingpong", "hold"] = "pingpong"
+    # The sound the model generated with the picture (LTX-2), mixed into the music bed at
+    # this gain; None: not used. Models without audio ignore it.
+    ambience_gain_db: float | None = Field(default=None, ge=-40, le=6)
+
+
 class ImageSource(_Model):
     kind: Literal["image"] = "image"
     path: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9/_.-]*$")  # relative to the template file
@@ -206,7 +227,9 @@ class VideoSource(ImageSource):
     kind: Literal["video"] = "video"  # type: ignore[assignment]
 
 
-Source = Annotated[GeneratedSource | ImageSource | VideoSource, Field(discriminator="kind")]
+Source = Annotated[
+    GeneratedSource | GeneratedVideoSource | ImageSource | VideoSource, Field(discriminator="kind")
+]
 
 
 # --------------------------------------------------------------------------- layers
@@ -261,10 +284,18 @@ class TextStyle(_Model):
         return self
 
 
+# What a text layer does with text (a long recipient name) that does not fit its box at
+# the style's min_size in max_lines lines: `shrink` below min_size (to half of it), `wrap`
+# onto more lines (two more, at most 6), `reject` refuses it. Brief intake runs the same
+# fitting code as the renderer, so a name that still does not fit is refused at intake.
+Overflow = Literal["shrink", "wrap", "reject"]
+
+
 class TextLayer(_Layer):
     type: Literal["text"] = "text"
     text: str = Field(min_length=1, max_length=40)  # a key of `strings`
     box: Box
+    overflow: Overflow = "reject"
     # Where the text goes when the template has a photo layer but the recipient no photo.
     box_without_photo: Box | None = None
     style: TextStyle = TextStyle()
@@ -280,6 +311,27 @@ class PhotoLayer(_Layer):
     frame: Color = "#f2c45c"
     required: bool = False  # True: a recipient without a photo is refused at brief time
     fade_s: float = Field(default=0.5, ge=0, le=5)
+
+
+class LivingPhotoLayer(PhotoLayer):
+    """The recipient's photo, animated (image-to-video) for the personal window.
+
+    It runs only when every pictured subject holds a consent with scope `animate` (besides
+    `face`). A brief whose subjects lack it is refused at intake, unless `fallback` is
+    "still": then those recipients get the still photo instead.
+    """
+
+    type: Literal["living_photo"] = "living_photo"  # type: ignore[assignment]
+    prompt: str = Field(default="the person smiles and waves gently", min_length=1, max_length=1000)
+    negative_prompt: str = Field(default="", max_length=1000)
+    # None: the worker's GREETFLOW_VIDEO_{SEED,FRAMES,FPS,STEPS,GUIDANCE}
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    frames: int | None = Field(default=None, ge=9, le=257)
+    fps: int | None = Field(default=None, ge=8, le=60)
+    steps: int | None = Field(default=None, ge=1, le=200)
+    guidance: float | None = Field(default=None, ge=0.0, le=30.0)
+    fill: Literal["loop", "pingpong", "hold"] = "hold"
+    fallback: Literal["none", "still"] = "none"
 
 
 class LabelLayer(_Layer):
@@ -299,7 +351,14 @@ class CaptionsLayer(_Layer):
 
 
 Layer = Annotated[
-    BackgroundLayer | ParticlesLayer | StickerLayer | TextLayer | PhotoLayer | LabelLayer | CaptionsLayer,
+    BackgroundLayer
+    | ParticlesLayer
+    | StickerLayer
+    | TextLayer
+    | PhotoLayer
+    | LivingPhotoLayer
+    | LabelLayer
+    | CaptionsLayer,
     Field(discriminator="type"),
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -71,6 +72,64 @@ class ObjectStore:
             bucket, validate_key(key), io.BytesIO(data), len(data), content_type=content_type
         )
 
+    def put_if_absent(
+        self, bucket: str, key: str, data: bytes, *, content_type: str = "application/json"
+    ) -> bool:
+        """Create `key` only if no object has it (`If-None-Match: *`, honoured by MinIO, S3
+        and moto); False when it already exists. minio-py's public put_object cannot send
+        the header, so this goes through its PutObject call."""
+        from minio.error import S3Error
+
+        try:
+            self.client._put_object(
+                bucket,
+                validate_key(key),
+                data,
+                headers={"If-None-Match": "*", "Content-Type": content_type},
+            )
+        except S3Error as exc:
+            if exc.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
+    def get_versioned(self, bucket: str, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and the ETag of exactly those bytes (one GET), or None when
+        there is no such object."""
+        from minio.error import S3Error
+
+        try:
+            resp = self.client.get_object(bucket, validate_key(key))
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                return None
+            raise
+        try:
+            return bytes(resp.read()), str(resp.headers.get("ETag", "")).strip('"')
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def replace_if_match(
+        self, bucket: str, key: str, data: bytes, etag: str, *, content_type: str = "application/json"
+    ) -> bool:
+        """Overwrite `key` only while it still has `etag` (`If-Match`, honoured by MinIO, S3
+        and moto); False when another writer changed or removed it first."""
+        from minio.error import S3Error
+
+        try:
+            self.client._put_object(
+                bucket,
+                validate_key(key),
+                data,
+                headers={"If-Match": f'"{etag}"', "Content-Type": content_type},
+            )
+        except S3Error as exc:
+            if exc.code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                return False
+            raise
+        return True
+
     def get_file(self, bucket: str, key: str, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.client.fget_object(bucket, validate_key(key), str(path))
@@ -127,6 +186,16 @@ class ObjectStore:
     def public_url(self, key: str) -> str:
         return f"{self.settings.resolved_distribution_base_url}/{quote(validate_key(key))}"
 
+    def distribution_url(self, key: str) -> str:
+        """The URL a published object is recorded and announced with, for its audience: under
+        the public base URL when the distribution bucket is public-read, else a presigned
+        GET valid for `distribution_url_ttl_s` (against s3_endpoint: the host is signed)."""
+        if self.settings.distribution_access == "presigned":
+            return self.presigned_get(
+                self.settings.bucket_distribution, key, expires_s=self.settings.distribution_url_ttl_s
+            )
+        return self.public_url(key)
+
     def health(self) -> dict[str, Any]:
         return {"buckets": [b.name for b in self.client.list_buckets()]}
 
@@ -164,14 +233,81 @@ def s3_client(settings: Settings, endpoint: str | None = None, *, timeout_s: flo
     )
 
 
+_NO_POLICY_CODES = frozenset({"NoSuchBucketPolicy"})
+
+
+def managed_buckets(settings: Settings) -> list[str]:
+    """Every bucket Greetflow writes: assets, staging, distribution, reports and, when it
+    is a bucket of its own, the dead-letter spill bucket."""
+    names = list(settings.buckets)
+    if settings.dead_letter_bucket and settings.dead_letter_bucket not in names:
+        names.append(settings.dead_letter_bucket)
+    return names
+
+
+def public_read_policy(bucket: str) -> dict[str, Any]:
+    """Anonymous GetObject on the bucket's objects, nothing else: no listing, no writes."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "GreetflowPublicReadObjects",
+                "Effect": "Allow",
+                "Principal": {"AWS": ["*"]},
+                "Action": ["s3:GetObject"],
+                "Resource": [f"arn:aws:s3:::{bucket}/*"],
+            }
+        ],
+    }
+
+
+def bucket_access(settings: Settings) -> dict[str, str]:
+    """What each managed bucket should allow anonymous clients: "public-read" (objects
+    only) for the distribution bucket in public-read mode, "private" for everything else."""
+    access = {name: "private" for name in managed_buckets(settings)}
+    if settings.distribution_access == "public-read":
+        dist = settings.bucket_distribution
+        if settings.buckets.count(dist) > 1 or settings.dead_letter_bucket == dist:
+            raise ConfigError(
+                f"the public-read distribution bucket {dist} is also used as a private bucket: "
+                "give it its own name or set GREETFLOW_DISTRIBUTION_ACCESS=presigned"
+            )
+        access[dist] = "public-read"
+    return access
+
+
+def apply_bucket_policies(
+    settings: Settings, *, endpoint: str | None = None, client: Minio | None = None
+) -> dict[str, str]:
+    """Make each managed bucket's policy what `bucket_access` says (idempotent): the
+    public-read policy on the distribution bucket in public-read mode, and no policy at all
+    (so no anonymous access) on every other bucket, removing one found there. Returns
+    bucket -> access."""
+    from minio.error import S3Error
+
+    client = client or s3_client(settings, endpoint)
+    access = bucket_access(settings)
+    for bucket, mode in access.items():
+        if mode == "public-read":
+            client.set_bucket_policy(bucket, json.dumps(public_read_policy(bucket)))
+            continue
+        try:
+            client.delete_bucket_policy(bucket)
+        except S3Error as exc:
+            if exc.code not in _NO_POLICY_CODES:
+                raise
+    return access
+
+
 def ensure_buckets(settings: Settings, *, endpoint: str | None = None) -> list[str]:
-    """Create every bucket in `settings.buckets` that is missing (idempotent), at `endpoint`
-    (default `settings.s3_endpoint`). Returns the names created."""
+    """Create every managed bucket that is missing and apply the bucket policies
+    (idempotent), at `endpoint` (default `settings.s3_endpoint`). Returns the names created."""
     from minio.error import S3Error
 
     client = s3_client(settings, endpoint)
+    bucket_access(settings)  # a bad combination fails before anything is created
     created: list[str] = []
-    for bucket in settings.buckets:
+    for bucket in managed_buckets(settings):
         if client.bucket_exists(bucket):
             continue
         try:
@@ -181,4 +317,5 @@ def ensure_buckets(settings: Settings, *, endpoint: str | None = None) -> list[s
                 continue
             raise
         created.append(bucket)
+    apply_bucket_policies(settings, client=client)
     return created

@@ -18,9 +18,10 @@ from dataclasses import replace
 from datetime import datetime
 
 from pipeline.repositories import ConsentRecord
-from schemas.brief import SubjectUse
+from schemas.brief import Recipient, SubjectUse
 from schemas.common import Scope
 from schemas.events import Finding, Severity
+from schemas.template import LivingPhotoLayer, Template
 
 ANY_PURPOSE = "*"
 
@@ -74,6 +75,45 @@ def covers(records: Iterable[ConsentRecord], scopes: Iterable[Scope], purpose: s
     return wanted <= granted_scopes(records, purpose, at)
 
 
+# Using one scope needs another as well: an animated photo still shows the face.
+IMPLIED_SCOPES: dict[Scope, frozenset[Scope]] = {Scope.ANIMATE: frozenset({Scope.FACE})}
+
+
+def needed_scopes(scopes: Iterable[Scope]) -> frozenset[Scope]:
+    """`scopes` plus the scopes they imply."""
+    out = {Scope(s) for s in scopes}
+    for s in list(out):
+        out |= IMPLIED_SCOPES.get(s, frozenset())
+    return frozenset(out)
+
+
+def may_animate(subjects: Iterable[SubjectUse]) -> bool:
+    """Whether a clip may animate the photo: every pictured subject (scope face) is used
+    with scope animate too (and consent_findings then requires a grant for it)."""
+    pictured = [u for u in subjects if Scope.FACE in u.scopes]
+    return bool(pictured) and all(Scope.ANIMATE in u.scopes for u in pictured)
+
+
+def living_photo_problems(template: Template, recipients: Iterable[Recipient]) -> list[str]:
+    """Intake: a template that animates the photo needs scope animate on every pictured
+    subject of a recipient with a photo, unless it falls back to the still photo."""
+    layers = [la for la in template.layers if isinstance(la, LivingPhotoLayer)]
+    if not layers or all(la.fallback == "still" for la in layers):
+        return []
+    problems: list[str] = []
+    for r in recipients:
+        if r.photo_key is None:
+            continue
+        for use in r.subjects:
+            if Scope.FACE in use.scopes and Scope.ANIMATE not in use.scopes:
+                problems.append(
+                    f"recipient {r.id}: subject {use.subject_id} lacks scope animate (template "
+                    f"{template.name} animates the photo in layer {layers[0].id}; add animate to the "
+                    "subject's scopes with a consent that grants it, or give the layer fallback: still)"
+                )
+    return problems
+
+
 def consent_findings(
     histories: Mapping[str, History],
     subjects: Iterable[SubjectUse],
@@ -87,7 +127,7 @@ def consent_findings(
     purpose = campaign_purpose(campaign_id)
     for use in subjects:
         granted = granted_scopes(histories.get(use.subject_id, ()), purpose, at)
-        missing = sorted(s.value for s in use.scopes if s not in granted)
+        missing = sorted(s.value for s in needed_scopes(use.scopes) if s not in granted)
         if missing:
             findings.append(
                 Finding(
@@ -100,6 +140,24 @@ def consent_findings(
                 )
             )
     return findings
+
+
+def relied_grants(
+    histories: Mapping[str, History],
+    subjects: Iterable[SubjectUse],
+    *,
+    campaign_id: str,
+    at: datetime,
+) -> list[uuid.UUID]:
+    """The grants in force at `at` that give a scope the clip uses (what it relies on)."""
+    purpose = campaign_purpose(campaign_id)
+    out: list[uuid.UUID] = []
+    for use in subjects:
+        wanted = needed_scopes(use.scopes)
+        for g in effective_grants(histories.get(use.subject_id, ()), at):
+            if g.purpose in (purpose, ANY_PURPOSE) and g.scopes & wanted and g.record_id not in out:
+                out.append(g.record_id)
+    return out
 
 
 def face_grants(

@@ -1,9 +1,10 @@
 """The consent ledger service.
 
 `challenge` issues a short-lived code; `grant` records a consent only with an evidence
-artifact (a consent video, a photo of a signed form, a signed text) and the code, computes
-the subject's reference face from the consented photo, and stores both with the grant in
-one transaction; `revoke` and `expire_due` append records that end grants and delete the
+artifact (an image, audio or video file, judged by its content: consent/evidence.py) and
+the code, computes the subject's reference face from the consented photo, and stores both
+with the grant in one transaction. A face consent's artifact must show a face matching
+that reference; `revoke` and `expire_due` append records that end grants and delete the
 reference faces that no grant in force needs any more. Every change is emitted on
 consent.events, where the takedown worker picks it up.
 """
@@ -11,11 +12,11 @@ consent.events, where the takedown worker picks it up.
 from __future__ import annotations
 
 import logging
-import mimetypes
 import re
 import secrets
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 from pydantic import TypeAdapter, ValidationError
 
 from pipeline.adapters.storage import ObjectStore, sha256_file
+from pipeline.consent.evidence import EvidenceError, EvidenceType, inspect_evidence
 from pipeline.consent.rules import ANY_PURPOSE, campaign_purpose, effective_grants, unneeded_faces
 from pipeline.errors import GreetflowError
 from pipeline.faces import (
@@ -31,6 +33,7 @@ from pipeline.faces import (
     analysis_size,
     distance,
     faces_in_photo,
+    faces_in_rgb,
     min_distance,
     reference_embedding,
     sample_frames,
@@ -56,8 +59,6 @@ CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: read aloud an
 CODE_LENGTH = 6
 _ID = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 _PURPOSE = re.compile(rf"^(\*|campaign:{_ID}|personal:{_ID})$")
-_TEXT_SUFFIXES = {".txt", ".md", ".json", ".csv", ".html", ".xml", ".eml"}
-_VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"}
 _SLUG = TypeAdapter(Slug)
 
 
@@ -183,6 +184,10 @@ class ConsentService:
         evidence = Path(evidence)
         if not evidence.is_file() or evidence.stat().st_size == 0:
             raise ConsentError(f"evidence {evidence} is not a readable, non-empty file")
+        try:
+            kind = inspect_evidence(evidence)
+        except EvidenceError as exc:
+            raise ConsentError(str(exc)) from None
 
         faces: list[FaceEmbedding] = []
         if Scope.FACE in wanted:
@@ -192,17 +197,20 @@ class ConsentService:
                     "is computed from it"
                 )
             faces = [self._reference_face(subject_id, Path(photo))]
-        self._check_evidence(evidence, code, faces)
+            if sha256_file(evidence) == faces[0].source_sha256:
+                raise ConsentError(
+                    f"evidence {evidence.name} is the consented photo itself: record the subject's own "
+                    "consent artifact (a video or photo of them with the code or the signed form)"
+                )
+            self._check_evidence_face(evidence, kind, faces)
 
         sha = sha256_file(evidence)
-        suffix = evidence.suffix.lower() if re.fullmatch(r"\.[a-z0-9]{1,8}", evidence.suffix.lower()) else ""
-        key = f"{self.settings.consent_evidence_prefix}/{subject_id}/{sha}{suffix}"
-        content_type = mimetypes.guess_type(evidence.name)[0] or "application/octet-stream"
+        key = f"{self.settings.consent_evidence_prefix}/{subject_id}/{sha}{kind.suffix}"
         self.store.put_file(
             self.settings.bucket_assets,
             key,
             evidence,
-            content_type=content_type,
+            content_type=kind.content_type,
             metadata={"sha256": sha, "subject-id": subject_id},
         )
         record = ConsentRecord(
@@ -256,60 +264,59 @@ class ConsentService:
                 )
         return ref
 
-    def _check_evidence(self, evidence: Path, code: str, faces: Sequence[FaceEmbedding]) -> None:
-        """The artifact must carry the code (text) or show the subject (image, video)."""
-        suffix = evidence.suffix.lower()
-        if suffix in _TEXT_SUFFIXES:
-            text = evidence.read_text(encoding="utf-8", errors="replace")
-            if code not in text.upper():
-                raise ConsentError(
-                    f"the consent text {evidence.name} does not contain the challenge code {code}"
-                )
-            return
-        sightings = self._faces_in_artifact(evidence)
-        if sightings is None or not faces:
-            return  # a document (signed form, PDF): kept as evidence, checked by its recorder
-        if not sightings:
+    def _check_evidence_face(
+        self, evidence: Path, kind: EvidenceType, faces: Sequence[FaceEmbedding]
+    ) -> None:
+        """A face consent's artifact must show the subject: a face in it matches the
+        reference face (below the likeness threshold)."""
+        if kind.kind == "audio":
             raise ConsentError(
-                f"no face found in the consent artifact {evidence.name}: it must show the subject"
+                f"evidence {evidence.name} is audio ({kind.format}): a consent with scope face needs an "
+                "image or video that shows the subject"
             )
         refs = [f.values for f in faces]
-        best = min(min_distance(s, refs) for s in sightings)
-        if best >= self.settings.likeness_threshold:
+        threshold = self.settings.likeness_threshold
+        best = float("inf")
+        with closing(self._faces_in_artifact(evidence, kind)) as found:  # stops ffmpeg early
+            for embedding in found:
+                best = min(best, min_distance(embedding, refs))
+                if best < threshold:
+                    return
+        if best == float("inf"):
+            where = " in its first 10 seconds" if kind.kind == "video" else ""
             raise ConsentError(
-                f"the person in the consent artifact {evidence.name} does not match the photo "
-                f"(closest distance {best:.3f}, threshold {self.settings.likeness_threshold})"
+                f"no face found in the consent artifact {evidence.name}{where}: for scope face it must "
+                "show the subject"
             )
+        raise ConsentError(
+            f"the person in the consent artifact {evidence.name} does not match the consented photo "
+            f"(closest distance {best:.3f}, must be below {threshold})"
+        )
 
-    def _faces_in_artifact(self, evidence: Path) -> list[tuple[float, ...]] | None:
-        """Face embeddings in an image or video artifact; None for other documents."""
-        from PIL import Image
-
+    def _faces_in_artifact(self, evidence: Path, kind: EvidenceType) -> Generator[tuple[float, ...]]:
+        """Face embeddings in an image, or in a video's frames (one a second, at most 10)."""
         engine = self._faces()
-        if evidence.suffix.lower() in _VIDEO_SUFFIXES:
+        if kind.kind == "video":
             from pipeline.render.media import RenderError, probe
 
             try:
                 info = probe(evidence)
                 if not info.width or not info.height:
-                    return None
+                    raise ConsentError(f"the consent video {evidence.name} has no picture")
                 width = min(info.width, self.settings.likeness_analysis_width)
                 w, h = analysis_size(info.width, info.height, width)
-                out: list[tuple[float, ...]] = []
-                for fr in sample_frames(evidence, width=w, height=h, interval_s=1.0, max_frames=30):
-                    out.extend(f.embedding for f in engine.detect(fr.image, upsample=1 if w < 800 else 0))
-                return out
+                for fr in sample_frames(evidence, width=w, height=h, interval_s=1.0, max_frames=10):
+                    for f in faces_in_rgb(engine, fr.image):
+                        yield f.embedding
+                return
             except (RenderError, LikenessError) as exc:
                 raise ConsentError(f"cannot read the consent video {evidence.name}: {exc}") from exc
         try:
-            with Image.open(evidence) as im:
-                im.verify()
-        except Exception:
-            return None  # not an image
-        try:
-            return [f.embedding for f in faces_in_photo(engine, evidence)]
+            found = faces_in_photo(engine, evidence)
         except LikenessError as exc:
             raise ConsentError(str(exc)) from exc
+        for f in found:
+            yield f.embedding
 
     # ----------------------------------------------------------------- revoke / expire
 

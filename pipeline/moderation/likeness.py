@@ -3,7 +3,11 @@
 Every face a clip shows must be a consented subject of the job. A face that matches the
 protected-persons gallery rejects the clip (unless that person is the consented subject
 of the job); any other face sends it to a human, because the detector is blind to
-profiles and small faces and dlib is weaker on children and uneven across groups.
+profiles and dlib is weaker on children and uneven across groups. When the recipient
+supplied a photo, the subject's face must be seen in the clip itself: a clip showing none
+goes to a human too (the photo's face may have been too small or hidden to be checked).
+A character reference of a real person adds its face to that subject's reference faces
+once it matches the face the subject consented with (`with_character_references`).
 """
 
 from __future__ import annotations
@@ -100,9 +104,11 @@ def likeness_findings(
     threshold: float,
     frames_sampled: int,
     face_subjects: Sequence[str] = (),
+    photo_supplied: bool = False,
 ) -> tuple[list[Finding], list[tuple[Finding, FaceSighting]]]:
     """Findings for the faces of a clip, and the (finding, best sighting) pairs whose face
-    crop a reviewer should see."""
+    crop a reviewer should see. `photo_supplied`: the recipient gave a photo, so a face
+    subject not seen in the clip's frames needs a human (not only information)."""
     findings: list[Finding] = []
     to_show: list[tuple[Finding, FaceSighting]] = []
     groups = classify_faces(sightings, refs, threshold=threshold)
@@ -150,17 +156,31 @@ def likeness_findings(
             )
             to_show.append((f, best))
         findings.append(f)
-    seen = {g.key for g in groups if g.kind == "consented"}
+    # Seen means in the clip's frames: the input photo alone proves nothing about the clip.
+    seen = {g.key for g in groups if g.kind == "consented" and any(s.source == "clip" for s in g.sightings)}
+    clip_faces = sum(1 for s in sightings if s.source == "clip")
     for sid in face_subjects:
-        if sid not in seen:
-            findings.append(
-                Finding(
-                    kind="subject_face_not_seen",
-                    severity=Severity.INFO,
-                    message=f"subject {sid} has face scope but their face was not found in the clip",
-                    evidence={"subject_id": sid},
-                )
+        if sid in seen:
+            continue
+        if photo_supplied:
+            f = Finding(
+                kind="subject_face_not_seen",
+                severity=Severity.WARN,
+                message=(
+                    f"a photo of subject {sid} was supplied but their face was not found in the clip "
+                    f"({clip_faces} face sightings in {frames_sampled} sampled frames): a reviewer must "
+                    "check who the clip shows"
+                ),
+                evidence={"subject_id": sid, "photo_supplied": True, "clip_sightings": clip_faces},
             )
+        else:
+            f = Finding(
+                kind="subject_face_not_seen",
+                severity=Severity.INFO,
+                message=f"subject {sid} has face scope but their face was not found in the clip",
+                evidence={"subject_id": sid, "photo_supplied": False},
+            )
+        findings.append(f)
     findings.append(
         Finding(
             kind="likeness_checked",
@@ -175,3 +195,62 @@ def likeness_findings(
         )
     )
     return findings, to_show
+
+
+@dataclass(frozen=True)
+class CharacterFace:
+    """The face found in a character reference of a real person (or why none was)."""
+
+    key: str
+    subject_id: str
+    embedding: tuple[float, ...] | None
+    problem: str = ""  # why there is no embedding
+
+
+def with_character_references(
+    consented: Mapping[str, Sequence[Sequence[float]]],
+    faces: Sequence[CharacterFace],
+    *,
+    threshold: float,
+) -> tuple[dict[str, list[Sequence[float]]], list[Finding]]:
+    """The consented reference faces plus each character reference's face, and a finding
+    per reference (`character_reference_used`, info; `character_reference_not_used`, warn). A
+    reference face joins its subject's references only when it matches
+    the face the subject consented with (in the ledger): the brief's author supplied the
+    reference, the subject did not, so an unverified reference must not turn a stranger
+    into the consented subject. One that does not match goes to a human."""
+    out: dict[str, list[Sequence[float]]] = {sid: list(embs) for sid, embs in consented.items()}
+    findings: list[Finding] = []
+    for cf in faces:
+        evidence: dict[str, Any] = {"key": cf.key, "subject_id": cf.subject_id, "used": False}
+        own = consented.get(cf.subject_id, ())
+        if cf.embedding is None:
+            severity = Severity.WARN
+            message = f"character reference {cf.key} of subject {cf.subject_id} cannot be used: {cf.problem}"
+        elif not own:
+            severity = Severity.WARN
+            message = (
+                f"character reference {cf.key}: subject {cf.subject_id} has no consented face for this "
+                "use, so it is not used as a reference face"
+            )
+        else:
+            d = min_distance(cf.embedding, own)
+            evidence.update(distance=round(d, 4), threshold=threshold)
+            if d < threshold:
+                out[cf.subject_id].append(cf.embedding)
+                evidence["used"] = True
+                severity = Severity.INFO
+                message = (
+                    f"character reference {cf.key} is a reference face of subject {cf.subject_id} "
+                    f"(distance {d:.3f} to their consented face)"
+                )
+            else:
+                severity = Severity.WARN
+                message = (
+                    f"character reference {cf.key} does not match the consented face of subject "
+                    f"{cf.subject_id} (distance {d:.3f} >= {threshold}): not used as their reference "
+                    "face; a reviewer must check who it shows"
+                )
+        kind = "character_reference_used" if evidence["used"] else "character_reference_not_used"
+        findings.append(Finding(kind=kind, severity=severity, message=message, evidence=evidence))
+    return out, findings

@@ -17,15 +17,24 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
+from pipeline import metrics
 from pipeline.adapters.storage import ObjectStore, sha256_file, validate_key
 from pipeline.consent.check import ConsentCheck
-from pipeline.errors import PermanentError
-from pipeline.faces import FaceEngine, FaceSighting
-from pipeline.moderation.clip import analyze_clip, clip_findings, photo_sightings
+from pipeline.errors import GreetflowError, PermanentError
+from pipeline.faces import FaceEngine, FaceSighting, LikenessError, reference_embedding
+from pipeline.keys import clip_key, drawn_texts_key, poster_key
+from pipeline.moderation.clip import analyze_clip, clip_findings, photo_regions, photo_sightings
 from pipeline.moderation.labels import expected_label_text
-from pipeline.moderation.likeness import References
+from pipeline.moderation.likeness import CharacterFace, References, with_character_references
 from pipeline.moderation.policy import ModerationPolicy, summarize
-from pipeline.moderation.text import AbuseLists, text_fields, text_findings
+from pipeline.moderation.text import (
+    AbuseLists,
+    ExpectedTexts,
+    drawn_text_findings,
+    expected_drawn_texts,
+    text_fields,
+    text_findings,
+)
 from pipeline.ports import EventPublisher
 from pipeline.repositories import (
     ConsentRepository,
@@ -38,14 +47,17 @@ from pipeline.repositories import (
 from pipeline.settings import Settings
 from pipeline.steps import claim_step, decision_event_id
 from pipeline.topics import MODERATION_DECISIONS
+from pipeline.trust import UntrustedMessage, check_matches_row
 from schemas.common import Scope, utcnow
 from schemas.events import (
     ClipRendered,
     Decision,
+    DrawnTexts,
     Envelope,
     Finding,
     ModerationDecided,
     RenderRequested,
+    Severity,
 )
 from schemas.jobs import JobState
 
@@ -97,12 +109,15 @@ class ModerationService:
         self.abuse = abuse or AbuseLists.load(settings.text_abuse_lists_dir)
         self.extra_checks = tuple(extra_checks)
         self.lease_s = lease_s
+        # Character reference faces by (key, ETag): every job of a campaign has the same ones.
+        self._reference_faces: dict[tuple[str, str], tuple[float, ...] | str] = {}
 
     def handle(self, env: Envelope[ClipRendered]) -> None:
         clip = env.payload
         job = self.jobs.get(clip.job_id)
         if job is None:
-            raise LookupError(f"moderate {clip.job_id}: unknown job")
+            raise UntrustedMessage(f"rendered clip for job {clip.job_id}: no such job")
+        self._check_against_row(job, clip)
         if job.state in _DECIDED or job.state in (JobState.PUBLISHING, JobState.PUBLISHED):
             if job.state == JobState.APPROVED:
                 # Re-announce: we may have crashed between recording and announcing.
@@ -130,6 +145,7 @@ class ModerationService:
             )
             won = step.finish(JobState(decision.value), reason=reason or None)
         if won:
+            metrics.MODERATION_DECISIONS.labels(outcome=decision.value).inc()
             log.info(
                 "moderate %s: %s (%s)",
                 clip.job_id,
@@ -137,6 +153,61 @@ class ModerationService:
                 reason or f"{len(findings)} findings, all info",
             )
             self._announce(step.job, decision, findings, reason, env.trace_id, result)
+
+    def _check_against_row(self, job: JobRecord, clip: ClipRendered) -> None:
+        """The announcement must name the row's clip: its ids, its staging keys and, while
+        the clip awaits moderation, the sha256 the render step recorded on the object."""
+        what = f"rendered clip for job {job.job_id}"
+        pairs: dict[str, tuple[object, object]] = {
+            "campaign_id": (clip.campaign_id, job.campaign_id),
+            "recipient_id": (clip.recipient_id, job.recipient_id),
+            "staging_key": (
+                clip.staging_key,
+                job.staging_key or clip_key(job.campaign_id, job.recipient_id, job.job_id),
+            ),
+        }
+        if clip.poster_key is not None:
+            pairs["poster_key"] = (
+                clip.poster_key,
+                job.poster_key or poster_key(job.campaign_id, job.recipient_id, job.job_id),
+            )
+        check_matches_row(what, pairs)
+        if job.state in (JobState.RENDERED, JobState.MODERATING) and job.staging_key:
+            info = self.store.stat(self.settings.bucket_staging, job.staging_key)
+            recorded = info.metadata.get("sha256") if info is not None else None
+            if recorded is not None and recorded != clip.sha256:
+                raise UntrustedMessage(f"{what}: sha256 differs from the staging object")
+
+    def _drawn_text_findings(self, req: RenderRequested, clip: ClipRendered) -> list[Finding]:
+        """What the renderer drew (its record beside the clip) against the row."""
+        key = drawn_texts_key(req.campaign_id, req.recipient.id, req.job_id)
+        bucket = self.settings.bucket_staging
+        record: DrawnTexts | None = None
+        if self.store.exists(bucket, key):
+            try:
+                record = DrawnTexts.model_validate_json(self.store.get_bytes(bucket, key))
+            except ValueError:
+                return [
+                    Finding(
+                        kind="drawn_texts_missing",
+                        severity=Severity.BLOCK,
+                        message=f"the drawn-text record {key} is not readable",
+                    )
+                ]
+        expected: ExpectedTexts | None
+        try:
+            expected = expected_drawn_texts(req, self.settings.templates_dir)
+        except GreetflowError as exc:
+            log.warning("moderate %s: drawn texts compared by merge values only: %s", req.job_id, exc)
+            expected = None
+        return drawn_text_findings(
+            record,
+            req,
+            clip_sha256=clip.sha256,
+            expected=expected,
+            lists=self.abuse,
+            max_chars=self.settings.text_max_chars,
+        )
 
     def _moderate(self, job: JobRecord, clip: ClipRendered) -> list[Finding]:
         req = job.request
@@ -150,6 +221,7 @@ class ModerationService:
                 name_max_chars=self.settings.text_name_max_chars,
             )
         )
+        findings.extend(self._drawn_text_findings(req, clip))
         work = Path(tempfile.mkdtemp(prefix=f"moderate-{req.job_id}-", dir=self._work_root()))
         try:
             video = self._fetch_clip(job, clip, work)
@@ -161,15 +233,24 @@ class ModerationService:
                 self.settings,
                 engine,
                 label_text=expected_label_text(req.template, self.settings.templates_dir),
+                small_face_regions=photo_regions(req.template, self.settings.templates_dir),
             )
             extra: list[FaceSighting] = photo_sightings(engine, photo) if photo is not None else []
-            refs = References(
-                consented=self._consent.face_references(req.subjects, campaign_id=req.campaign_id, at=now),
-                protected=self.gallery.faces(),
+            consented, ref_findings = with_character_references(
+                self._consent.face_references(req.subjects, campaign_id=req.campaign_id, at=now),
+                self._character_faces(req, engine, work),
+                threshold=self.settings.likeness_threshold,
             )
+            findings.extend(ref_findings)
+            refs = References(consented=consented, protected=self.gallery.faces())
             face_subjects = [u.subject_id for u in req.subjects if Scope.FACE in u.scopes]
             more, to_show = clip_findings(
-                analysis, refs, self.settings, face_subjects=face_subjects, extra_sightings=extra
+                analysis,
+                refs,
+                self.settings,
+                face_subjects=face_subjects,
+                extra_sightings=extra,
+                photo_supplied=photo is not None,
             )
             log.info(
                 "moderate %s: %d frames, %d faces analysed in %.2fs",
@@ -195,6 +276,34 @@ class ModerationService:
                 f"(sha256 {digest[:12]}..., expected {clip.sha256[:12]}...)"
             )
         return video
+
+    def _character_faces(self, req: RenderRequested, engine: FaceEngine, work: Path) -> list[CharacterFace]:
+        """The face of each character reference of a real person, from the assets bucket."""
+        out: list[CharacterFace] = []
+        bucket = self.settings.bucket_assets
+        for n, ref in enumerate(req.references):
+            if ref.kind != "character" or ref.subject_id is None:
+                continue
+            info = self.store.stat(bucket, ref.key)
+            if info is None:
+                out.append(CharacterFace(ref.key, ref.subject_id, None, f"it is not in bucket {bucket}"))
+                continue
+            got = self._reference_faces.get((ref.key, info.etag))
+            if got is None:
+                local = work / f"reference-{n}{Path(ref.key).suffix.lower()}"
+                path = self.store.get_file(bucket, ref.key, local)
+                try:
+                    got = reference_embedding(engine, path).values
+                except LikenessError as exc:
+                    got = str(exc).replace(str(path), "it")
+                if len(self._reference_faces) >= 256:
+                    self._reference_faces.clear()
+                self._reference_faces[(ref.key, info.etag)] = got
+            if isinstance(got, str):
+                out.append(CharacterFace(ref.key, ref.subject_id, None, got))
+            else:
+                out.append(CharacterFace(ref.key, ref.subject_id, got))
+        return out
 
     def _fetch_photo(self, req: RenderRequested, work: Path) -> Path | None:
         key = req.recipient.photo_key

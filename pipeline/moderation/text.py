@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
-from schemas.events import Finding, RenderRequested, Severity
+from schemas.events import DrawnTexts, Finding, RenderRequested, Severity
 
 # Small seed lists; operators extend them with files (docs/consent-and-provenance.md).
 DEFAULT_ABUSE_TERMS: dict[str, tuple[str, ...]] = {
@@ -179,6 +179,110 @@ def text_findings(
             severity=Severity.INFO,
             message=f"{len(fields)} text field(s) checked",
             evidence={"fields": sorted(fields)},
+        )
+    )
+    return findings
+
+
+# --------------------------------------------------------------------------- what was drawn
+
+
+@dataclass(frozen=True)
+class ExpectedTexts:
+    """What a clip should show for a job row: each personal text layer's text, and the
+    captions layers (whose cues together show `captions`)."""
+
+    layers: Mapping[str, str]
+    captions_layers: tuple[str, ...]
+    captions: str | None
+
+
+def expected_drawn_texts(req: RenderRequested, templates_dir: Path | None = None) -> ExpectedTexts:
+    """The personal texts the job's template draws with the row's merge values."""
+    from pipeline.render.templates import get_template, localized, merge_values, substitute
+    from schemas.template import CaptionsLayer, TextLayer, ruby_text
+
+    t = get_template(req.template, templates_dir).template
+    values = merge_values(req.recipient.name)
+    layers: dict[str, str] = {}
+    captions_layers: list[str] = []
+    for layer in t.layers:
+        if isinstance(layer, TextLayer) and t.is_personal(layer):
+            layers[layer.id] = substitute(localized(t, req.locale, layer.text), values)
+        elif isinstance(layer, CaptionsLayer):
+            captions_layers.append(layer.id)
+    captions = None
+    if captions_layers and t.audio.voice is not None:
+        shown = ruby_text(localized(t, req.locale, t.audio.voice.text), req.locale, spoken=False)
+        captions = substitute(shown, values)
+    return ExpectedTexts(layers, tuple(captions_layers), captions)
+
+
+def _no_space(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+def _mismatch(message: str, **evidence: Any) -> Finding:
+    return Finding(kind="drawn_text_mismatch", severity=Severity.BLOCK, message=message, evidence=evidence)
+
+
+def drawn_text_findings(
+    record: DrawnTexts | None,
+    req: RenderRequested,
+    *,
+    clip_sha256: str,
+    expected: ExpectedTexts | None,
+    lists: AbuseLists,
+    max_chars: int = 500,
+) -> list[Finding]:
+    """Compare what the renderer drew (its staging record) with the job row, and run the
+    text checks over the drawn texts. A missing record, a record of another clip, or a
+    drawn text that is not the row's blocks the clip, naming the field or layer."""
+    from pipeline.render.templates import merge_values
+
+    if record is None:
+        return [
+            Finding(
+                kind="drawn_texts_missing",
+                severity=Severity.BLOCK,
+                message="the renderer left no record of the texts it drew on the clip",
+            )
+        ]
+    if record.job_id != req.job_id or record.sha256 != clip_sha256:
+        return [_mismatch("the drawn-text record belongs to another clip", field="sha256")]
+    findings: list[Finding] = []
+    want_values = merge_values(req.recipient.name)
+    for name in sorted(set(record.merge_values) | set(want_values)):
+        if record.merge_values.get(name) != want_values.get(name):
+            findings.append(_mismatch(f"{name} differs from job row (drawn on the clip)", field=name))
+    if expected is not None:
+        drawn: dict[str, str] = {}
+        captions: list[str] = []
+        for item in record.texts:
+            base, _, index = item.layer.rpartition("-")
+            if base in expected.captions_layers and index.isdigit():
+                captions.append(item.text)
+            else:
+                drawn[item.layer] = item.text
+        for layer in sorted(set(drawn) | set(expected.layers)):
+            if drawn.get(layer) != expected.layers.get(layer):
+                findings.append(_mismatch(f"text layer {layer} differs from job row", layer=layer))
+        if expected.captions is not None and _no_space("".join(captions)) != _no_space(expected.captions):
+            findings.append(
+                _mismatch("the captions differ from job row", layer=",".join(expected.captions_layers))
+            )
+    fields = {f"drawn.{item.layer}": item.text for item in record.texts}
+    findings.extend(
+        f
+        for f in text_findings(fields, lists, max_chars=max_chars, name_fields=())
+        if f.kind != "text_checked"
+    )
+    findings.append(
+        Finding(
+            kind="drawn_texts_checked",
+            severity=Severity.INFO,
+            message=f"{len(record.texts)} drawn text(s) compared with the job row",
+            evidence={"layers": [item.layer for item in record.texts]},
         )
     )
     return findings

@@ -5,6 +5,14 @@ the rules of kinsoku shori forbid it (no closing punctuation at the start of a l
 opening bracket at its end). Among the wrappings with at most `max_lines` lines the
 largest font size wins, with a small penalty per extra line, and lines are balanced
 (the narrowest wrapping with that many lines) rather than greedily filled.
+
+This module is also the one place that decides whether a recipient's text fits: the
+renderer (`compose.draw_text`, `engine._voice`) and brief intake
+(`pipeline.render.templates.check_recipient`) both call `fit_text_box` and `fit_voice`,
+so a name accepted at intake cannot fail at render. A text layer's `overflow` says what
+happens when the style's sizes and lines are not enough: `shrink` goes below `min_size`
+(down to SHRINK_FLOOR of it), `wrap` allows up to WRAP_EXTRA_LINES more lines (at most
+WRAP_MAX_LINES), `reject` refuses the text.
 """
 
 from __future__ import annotations
@@ -14,11 +22,16 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from PIL import ImageFont
 
 from pipeline.render.fonts import FontFace, require_glyphs
 from pipeline.render.media import RenderError
+from schemas.template import Overflow, TextStyle
+
+if TYPE_CHECKING:
+    from pipeline.render.tts import TTS, Speech, SpeechPart
 
 # May not start a line (closing punctuation, small kana, prolonged sound mark...).
 NO_LINE_START = frozenset(
@@ -29,6 +42,18 @@ NO_LINE_START = frozenset(
 NO_LINE_END = frozenset("([｛〔〈《「『【〘〖〝‘“«（［")
 
 LINE_PENALTY = 0.12  # a wrapping with k lines scores size / (1 + LINE_PENALTY * (k - 1))
+SHRINK_FLOOR = 0.5  # overflow "shrink": down to this fraction of min_size (at least 6 px)
+WRAP_EXTRA_LINES = 2  # overflow "wrap": this many lines more than max_lines...
+WRAP_MAX_LINES = 6  # ... and never more than this
+
+
+class TextDoesNotFit(RenderError):
+    """The text does not fit its box even at the smallest size and the most lines allowed."""
+
+    def __init__(self, message: str, *, min_size: int, max_lines: int) -> None:
+        super().__init__(message)
+        self.min_size = min_size
+        self.max_lines = max_lines
 
 
 @dataclass(frozen=True)
@@ -169,10 +194,13 @@ def fit_block(
     min_size: int,
     leading: float = 1.25,
     max_lines: int = 2,
+    check_only: bool = False,
 ) -> FittedText:
     """The largest, balanced layout of `text` inside max_width x max_height.
 
-    Raises RenderError when even min_size does not fit in max_lines lines.
+    Raises TextDoesNotFit when even min_size does not fit in max_lines lines. With
+    `check_only`, the search stops there: a layout at min_size comes back (intake only
+    needs to know that the text fits, and fitting is decided by exactly that test).
     """
     require_glyphs(face, text)
     if min_size > max_size:
@@ -193,10 +221,16 @@ def fit_block(
 
     # fits(size) is monotone enough for a binary search on the largest size that fits
     if best_at(min_size) is None:
-        raise RenderError(
+        raise TextDoesNotFit(
             f"text {text!r} does not fit in {max_width}x{max_height} px in {max_lines} lines "
-            f"even at {min_size} px"
+            f"even at {min_size} px",
+            min_size=min_size,
+            max_lines=max_lines,
         )
+    if check_only:
+        smallest = best_at(min_size)
+        if smallest is not None:
+            return smallest[1]
     lo, hi = min_size, max_size
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -214,3 +248,99 @@ def fit_block(
             top = cand
             break
     return top[1]
+
+
+def fit_text_box(
+    text: str,
+    face: FontFace,
+    *,
+    box_width: int,
+    box_height: int,
+    style: TextStyle,
+    scale: float,
+    ornament: bool = False,
+    pill: bool = False,
+    overflow: Overflow = "reject",
+    check_only: bool = False,
+) -> FittedText:
+    """`text` fitted into a text layer's box (frame px) the way the renderer draws it: room
+    for the stroke, the ornament under the text or the pill behind it, then the layer's
+    overflow rule. Raises TextDoesNotFit. `check_only`: see fit_block."""
+    div_h = max(8, round(30 * scale)) if ornament else 0
+    gap = round(40 * scale) if ornament else 0
+    stroke_room = round(16 * scale) if style.stroke else 0
+    max_width = max(8, box_width - stroke_room - (round(60 * scale) if pill else 0))
+    max_height = max(8, box_height - div_h - gap - (round(30 * scale) if pill else 0))
+    max_size = max(6, round(style.max_size * scale))
+    min_size = max(6, round(style.min_size * scale))
+    try:
+        return fit_block(
+            text,
+            face,
+            max_width=max_width,
+            max_height=max_height,
+            max_size=max_size,
+            min_size=min_size,
+            leading=style.leading,
+            max_lines=style.max_lines,
+            check_only=check_only,
+        )
+    except TextDoesNotFit:
+        if overflow == "reject":
+            raise
+    if overflow == "shrink":
+        floor = max(6, math.floor(min_size * SHRINK_FLOOR))
+        return fit_block(
+            text,
+            face,
+            max_width=max_width,
+            max_height=max_height,
+            max_size=max_size,
+            min_size=floor,
+            leading=style.leading,
+            max_lines=style.max_lines,
+            check_only=check_only,
+        )
+    lines = min(WRAP_MAX_LINES, max(style.max_lines, style.max_lines + WRAP_EXTRA_LINES))
+    return fit_block(
+        text,
+        face,
+        max_width=max_width,
+        max_height=max_height,
+        max_size=max_size,
+        min_size=min_size,
+        leading=style.leading,
+        max_lines=lines,
+        check_only=check_only,
+    )
+
+
+class VoiceDoesNotFit(RenderError):
+    """A voice line that is longer than its window even at the template's max_rate."""
+
+    def __init__(self, message: str, *, duration_s: float, room_s: float, rate: float) -> None:
+        super().__init__(message)
+        self.duration_s = duration_s
+        self.room_s = room_s
+        self.rate = rate
+
+
+def fit_voice(tts: TTS, parts: Sequence[SpeechPart], *, room_s: float, max_rate: float) -> Speech:
+    """Speak `parts` at normal speed; a line longer than `room_s` is spoken faster (the rate
+    that should just fit, then `max_rate`). Raises VoiceDoesNotFit."""
+    speech = tts.speak(parts, rate=1.0)
+    if speech.duration_s <= room_s:
+        return speech
+    rate = min(max_rate, speech.duration_s / room_s * 1.04)
+    speech = tts.speak(parts, rate=rate)
+    if speech.duration_s > room_s and rate < max_rate:
+        rate = max_rate
+        speech = tts.speak(parts, rate=rate)
+    if speech.duration_s > room_s:
+        raise VoiceDoesNotFit(
+            f"takes {speech.duration_s:.2f} s even at {rate:.2f}x; the template leaves {room_s:.2f} s",
+            duration_s=speech.duration_s,
+            room_s=room_s,
+            rate=rate,
+        )
+    return speech

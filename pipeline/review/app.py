@@ -29,9 +29,12 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.metrics import Readiness, render_metrics
 from pipeline.review.repository import AuditEntry, QueueItem, SessionInfo
 from pipeline.review.service import (
     CaseView,
+    LoginBusy,
+    LoginThrottled,
     Outcome,
     QueueFilters,
     ReviewError,
@@ -157,6 +160,11 @@ def _templates() -> Jinja2Templates:
     return Jinja2Templates(env=env)
 
 
+def _client_ip(request: Request) -> str | None:
+    """The peer address (with `--proxy-headers`, uvicorn puts the forwarded client here)."""
+    return request.client.host if request.client is not None else None
+
+
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
@@ -199,7 +207,8 @@ Api = Annotated[SessionInfo, Depends(require_session)]
 ApiWrite = Annotated[SessionInfo, Depends(api_write)]
 
 
-def create_app(service: ReviewService) -> FastAPI:
+def create_app(service: ReviewService, *, readiness: Readiness | None = None) -> FastAPI:
+    """`readiness`: the probes behind /readyz (started here); None: ready while serving."""
     settings = service.settings
     templates = _templates()
     media_origin = _origin(settings.s3_endpoint)
@@ -218,6 +227,23 @@ def create_app(service: ReviewService) -> FastAPI:
         redoc_url=None,
     )
     app.state.service = service
+    if readiness is not None:
+        readiness.start()
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics_route(request: Request) -> Response:
+        body, content_type = render_metrics(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> Response:
+        return Response("ok\n", media_type="text/plain")
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> Response:
+        doc = readiness.report() if readiness is not None else {"ready": True, "checks": {}}
+        return JSONResponse(doc, status_code=200 if doc["ready"] else 503)
+
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     @app.middleware("http")
@@ -252,11 +278,12 @@ def create_app(service: ReviewService) -> FastAPI:
 
     @app.exception_handler(ReviewError)
     async def review_error(request: Request, exc: ReviewError) -> Response:
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
         if request.url.path.startswith("/api/"):
-            return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+            return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
         who = optional_session(request)
         return templates.TemplateResponse(
-            request, "error.html", {"who": who, "message": str(exc)}, status_code=exc.status
+            request, "error.html", {"who": who, "message": str(exc)}, status_code=exc.status, headers=headers
         )
 
     @app.exception_handler(HTTPException)
@@ -294,8 +321,8 @@ def create_app(service: ReviewService) -> FastAPI:
         )
 
     @api.post("/session", response_model=SessionOut, summary="Log in (sets the session cookie)")
-    def api_login(body: LoginBody, response: Response) -> SessionOut:
-        token, who = service.login(body.name, body.password)
+    def api_login(body: LoginBody, request: Request, response: Response) -> SessionOut:
+        token, who = service.login(body.name, body.password, ip=_client_ip(request))
         set_session_cookie(response, token)
         return SessionOut(
             reviewer=who.reviewer, role=who.role, csrf_token=who.csrf_token, expires_at=who.expires_at
@@ -414,17 +441,26 @@ def create_app(service: ReviewService) -> FastAPI:
         check_csrf(who, csrf_token)
         return who
 
-    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
-    def login_page(request: Request, error: str | None = None) -> Response:
+    def login_form(
+        request: Request, error: str | None, status_code: int = 200, headers: dict[str, str] | None = None
+    ) -> Response:
         token = secrets.token_urlsafe(32)
         response = templates.TemplateResponse(
-            request, "login.html", {"who": None, "login_csrf": token, "error": error == "1"}
+            request,
+            "login.html",
+            {"who": None, "login_csrf": token, "error": error},
+            status_code=status_code,
+            headers=headers,
         )
         response.set_cookie(
             LOGIN_CSRF_COOKIE, token, max_age=3600, httponly=True,
             secure=settings.review_cookie_secure, samesite="strict", path="/login",
         )  # fmt: skip
         return response
+
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_page(request: Request, error: str | None = None) -> Response:
+        return login_form(request, "Unknown reviewer or wrong password." if error == "1" else None)
 
     @app.post("/login", include_in_schema=False)
     def login_submit(
@@ -437,7 +473,10 @@ def create_app(service: ReviewService) -> FastAPI:
         if not cookie or not hmac.compare_digest(cookie.encode(), csrf_token.encode()):
             raise HTTPException(status_code=403, detail="the login form expired: reload the page")
         try:
-            token, _who = service.login(name, password)
+            token, _who = service.login(name, password, ip=_client_ip(request))
+        except (LoginThrottled, LoginBusy) as exc:
+            retry = {"Retry-After": str(exc.retry_after_s)}
+            return login_form(request, f"{str(exc).capitalize()}.", exc.status, retry)
         except ReviewError:
             return RedirectResponse("/login?error=1", status_code=303)
         response = RedirectResponse("/", status_code=303)

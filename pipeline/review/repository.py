@@ -14,12 +14,12 @@ Every state change that two reviewers could race on is one compare-and-set UPDAT
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import case, delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,6 +31,7 @@ from pipeline.adapters.db import (
     ReviewCaseRow,
     ReviewerRow,
     ReviewLeaseRow,
+    ReviewLoginThrottleRow,
     ReviewSessionRow,
 )
 from pipeline.repositories import Clock, JobRecord, JobRepository, ModerationResult, _job_key, _rowcount
@@ -40,6 +41,10 @@ from schemas.jobs import JobState
 
 Role = Literal["reviewer", "lead"]
 ROLES: tuple[Role, ...] = ("reviewer", "lead")
+ThrottleScope = Literal["account", "ip"]
+# (scope, failures so far) -> (seconds to block further tries, whether that is a lockout),
+# or None for no block.
+BlockRule = Callable[[ThrottleScope, int], "tuple[float, bool] | None"]
 
 
 def parse_role(value: str) -> Role:
@@ -130,6 +135,35 @@ class AuditEntry:
             dict(r.detail),
             r.at,
         )
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """Tries of this account or IP are refused until `until` (a lockout when `locked`)."""
+
+    scope: ThrottleScope
+    key: str
+    until: datetime
+    locked: bool
+    failures: int
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A login try counted in advance (see `ReviewRepository.reserve_login_attempt`)."""
+
+    failures: dict[ThrottleScope, int]
+    locked_now: tuple[ThrottleScope, ...]
+
+
+class _Recount(Exception):
+    pass
+
+
+class _Blocked(Exception):
+    def __init__(self, throttle: Throttle) -> None:
+        super().__init__(throttle.scope)
+        self.throttle = throttle
 
 
 @dataclass(frozen=True)
@@ -246,6 +280,116 @@ class ReviewRepository:
                 return False
             s.add(_audit_row(None, who, "logout", "", {}, now))
         return True
+
+    # --- login throttling ---
+
+    def reserve_login_attempt(
+        self, keys: Sequence[tuple[ThrottleScope, str]], *, window_s: float, block_for: BlockRule
+    ) -> Attempt | Throttle:
+        """Count a login try as a failure of every (scope, key) BEFORE the password is
+        checked, so parallel tries cannot all slip in under the limit, and set the block
+        that the new count calls for. When one of them is blocked now, nothing is counted
+        and its Throttle is returned. One transaction; each count is an atomic UPDATE
+        (serialised by the row lock on PostgreSQL, the write lock on SQLite)."""
+        now = self._clock()
+        window_start = now - timedelta(seconds=window_s)
+        t = ReviewLoginThrottleRow
+        for _ in range(10):
+            try:
+                with self._db.session() as s:
+                    return self._reserve(s, keys, now, window_start, block_for)
+            except _Blocked as blocked:
+                return blocked.throttle
+            except (IntegrityError, _Recount):
+                continue  # a concurrent first failure created the row: count again
+        raise RuntimeError(f"could not count a login try in {t.__tablename__}")
+
+    def _reserve(
+        self,
+        s: Session,
+        keys: Sequence[tuple[ThrottleScope, str]],
+        now: datetime,
+        window_start: datetime,
+        block_for: BlockRule,
+    ) -> Attempt:
+        t = ReviewLoginThrottleRow
+        counts: dict[ThrottleScope, int] = {}
+        locked_now: list[ThrottleScope] = []
+        for scope, key in keys:
+            failures = s.execute(
+                update(t)
+                .where(
+                    t.scope == scope,
+                    t.key == key,
+                    t.blocked_until.is_(None) | (t.blocked_until <= now),
+                )
+                .values(
+                    failures=case((t.last_failure_at <= window_start, 1), else_=t.failures + 1),
+                    last_failure_at=now,
+                )
+                .returning(t.failures)
+                .execution_options(synchronize_session=False)
+            ).scalar()
+            if failures is None:
+                row = s.get(t, (scope, key))
+                if row is not None and row.blocked_until is not None and row.blocked_until > now:
+                    raise _Blocked(Throttle(scope, key, row.blocked_until, bool(row.locked), row.failures))
+                if row is not None:
+                    raise _Recount  # created by a concurrent try after our UPDATE looked
+                failures = 1
+                s.add(t(scope=scope, key=key, failures=1, last_failure_at=now, locked=False))
+                s.flush()
+            block = block_for(scope, failures)
+            s.execute(
+                update(t)
+                .where(t.scope == scope, t.key == key)
+                .values(
+                    blocked_until=now + timedelta(seconds=block[0]) if block else None,
+                    locked=bool(block and block[1]),
+                )
+                .execution_options(synchronize_session=False)
+            )
+            counts[scope] = failures
+            if block and block[1]:
+                locked_now.append(scope)
+        return Attempt(counts, tuple(locked_now))
+
+    def login_failed(self, keys: Sequence[tuple[ThrottleScope, str]], *, block_for: BlockRule) -> None:
+        """After a failed check: the block its count calls for runs from now (the one set in
+        advance ran from before the password check)."""
+        now = self._clock()
+        t = ReviewLoginThrottleRow
+        with self._db.session() as s:
+            for scope, key in keys:
+                failures = s.execute(select(t.failures).where(t.scope == scope, t.key == key)).scalar()
+                block = block_for(scope, failures) if failures is not None else None
+                if block is None:
+                    continue
+                until = now + timedelta(seconds=block[0])
+                s.execute(
+                    update(t)
+                    .where(
+                        t.scope == scope,
+                        t.key == key,
+                        t.blocked_until.is_(None) | (t.blocked_until < until),
+                    )
+                    .values(blocked_until=until, locked=block[1])
+                    .execution_options(synchronize_session=False)
+                )
+
+    def login_succeeded(self, account: str, ip: str | None) -> None:
+        """The account's failures are forgotten; the IP's count loses the one try that
+        was counted in advance (its block, if any, stays)."""
+        t = ReviewLoginThrottleRow
+        with self._db.session() as s:
+            s.execute(delete(t).where(t.scope == "account", t.key == account))
+            if ip is not None:
+                s.execute(
+                    update(t)
+                    .where(t.scope == "ip", t.key == ip, t.failures > 0)
+                    .values(failures=t.failures - 1)
+                    .execution_options(synchronize_session=False)
+                )
 
     # --- audit ---
 

@@ -7,8 +7,10 @@ No web framework in here: pipeline/review/app.py is a thin FastAPI layer over it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
 import re
 import secrets
 import uuid
@@ -17,7 +19,6 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from pipeline.adapters.storage import ObjectStore
 from pipeline.errors import GreetflowError
@@ -31,6 +32,7 @@ from pipeline.repositories import (
     ModerationResult,
     ModerationResultRepository,
 )
+from pipeline.review.hashing import HashPool, HashPoolBusy
 from pipeline.review.repository import (
     AuditEntry,
     Lease,
@@ -39,6 +41,8 @@ from pipeline.review.repository import (
     ReviewRepository,
     Role,
     SessionInfo,
+    Throttle,
+    ThrottleScope,
 )
 from pipeline.settings import Settings
 from pipeline.steps import decision_event_id
@@ -53,13 +57,15 @@ LIKENESS_KINDS: frozenset[str] = frozenset({"protected_person", "unknown_face"})
 MIN_PASSWORD_CHARS = 12
 MAX_REASON_CHARS = 2000
 
-# argon2id with the library's RFC 9106 "low memory" defaults (64 MiB, t=3, p=4).
+# argon2id with the library's RFC 9106 "low memory" defaults (64 MiB, t=3, p=4); the
+# service hashes with the cost from the settings (review_argon2_*), through its HashPool.
 _hasher = PasswordHasher()
-_DUMMY_HASH = _hasher.hash("greetflow-timing-equaliser")
 
 
 class ReviewError(GreetflowError):
     status = 400
+    # Sent as Retry-After when set.
+    retry_after_s: int | None = None
 
 
 class CaseNotFound(ReviewError):
@@ -76,6 +82,29 @@ class Conflict(ReviewError):
 
 class InvalidInput(ReviewError):
     status = 422
+
+
+class LoginThrottled(ReviewError):
+    """Too many failed logins for this account or client IP: refused without checking
+    the password."""
+
+    status = 429
+
+    def __init__(self, retry_after_s: int, *, locked: bool) -> None:
+        what = "locked after too many failed logins" if locked else "too many failed logins"
+        super().__init__(f"{what}: try again in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+        self.locked = locked
+
+
+class LoginBusy(ReviewError):
+    """Every password-hashing slot is busy."""
+
+    status = 503
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__("too many logins at once: try again shortly")
+        self.retry_after_s = retry_after_s
 
 
 def hash_password(password: str) -> str:
@@ -154,6 +183,7 @@ class ReviewService:
         consents: ConsentRepository,
         store: ObjectStore,
         events: EventPublisher,
+        hash_pool: HashPool | None = None,
     ) -> None:
         self.settings = settings
         self.repo = repo
@@ -162,6 +192,14 @@ class ReviewService:
         self.consents = consents
         self.store = store
         self.events = events
+        self.hashes = hash_pool or HashPool(
+            slots=settings.review_hash_concurrency,
+            wait_s=settings.review_hash_wait_s,
+            max_waiting=settings.review_hash_max_waiting,
+            memory_kib=settings.review_argon2_memory_kib,
+            time_cost=settings.review_argon2_time_cost,
+            parallelism=settings.review_argon2_parallelism,
+        )
 
     # --- reviewers and sessions ---
 
@@ -169,23 +207,78 @@ class ReviewService:
         validate_reviewer_name(name)
         if len(password) < MIN_PASSWORD_CHARS:
             raise InvalidInput(f"a password needs at least {MIN_PASSWORD_CHARS} characters")
-        return self.repo.upsert_reviewer(name, role, hash_password(password))
+        return self.repo.upsert_reviewer(name, role, self._hash(password))
 
-    def login(self, name: str, password: str) -> tuple[str, SessionInfo]:
-        """A new session (cookie value, session) or Forbidden. The same answer and about
-        the same time for an unknown name as for a wrong password."""
-        reviewer = self.repo.get_reviewer(name) if _NAME.match(name) else None
-        stored = reviewer.password_hash if reviewer is not None else _DUMMY_HASH
+    def _hash(self, password: str) -> str:
         try:
-            _hasher.verify(stored, password)
-            ok = reviewer is not None and reviewer.disabled_at is None
-        except (VerifyMismatchError, VerificationError, InvalidHashError):
-            ok = False
+            return self.hashes.hash(password)
+        except HashPoolBusy as exc:
+            raise LoginBusy(exc.retry_after_s) from None
+
+    def _block_for(self, scope: ThrottleScope, failures: int) -> tuple[float, bool] | None:
+        """Exponential backoff after the free failures, then a lockout."""
+        st = self.settings
+        if scope == "account":
+            free, lockout = st.review_login_free_failures, st.review_login_lockout_failures
+        else:
+            free, lockout = st.review_login_ip_free_failures, st.review_login_ip_lockout_failures
+        if failures >= lockout:
+            return st.review_login_lockout_s, True
+        if failures < free:
+            return None
+        backoff = st.review_login_backoff_s * 2.0 ** min(failures - free, 30)
+        return min(backoff, st.review_login_backoff_max_s), False
+
+    def _throttled(self, actor: str, ip: str | None, throttle: Throttle) -> LoginThrottled:
+        retry = max(1, math.ceil((throttle.until - self.repo.now()).total_seconds()))
+        self.repo.audit(
+            None, actor, "login_throttled", "", scope=throttle.scope, ip=ip,
+            locked=throttle.locked, failures=throttle.failures, retry_after_s=retry,
+        )  # fmt: skip
+        log.warning(
+            "review login: %s %s throttled for %d s (%s, %d failures)",
+            throttle.scope, throttle.key, retry, "locked" if throttle.locked else "backoff",
+            throttle.failures,
+        )  # fmt: skip
+        return LoginThrottled(retry, locked=throttle.locked)
+
+    def login(self, name: str, password: str, *, ip: str | None = None) -> tuple[str, SessionInfo]:
+        """A new session (cookie value, session), or Forbidden (wrong name or password),
+        LoginThrottled (too many failures of this account or IP: the password is not even
+        checked) or LoginBusy (every hashing slot busy). The same answer and about the same
+        time for an unknown name as for a wrong password."""
+        actor = name[:64] or "-"
+        ip = ip[:128] if ip else None
+        keys: list[tuple[ThrottleScope, str]] = [("account", actor)]
+        if ip:
+            keys.append(("ip", ip))
+        attempt = self.repo.reserve_login_attempt(
+            keys, window_s=self.settings.review_login_failure_window_s, block_for=self._block_for
+        )
+        if isinstance(attempt, Throttle):
+            raise self._throttled(actor, ip, attempt)
+        reviewer = self.repo.get_reviewer(name) if _NAME.match(name) else None
+        stored = reviewer.password_hash if reviewer is not None else self.hashes.dummy_hash()
+        try:
+            matches = self.hashes.verify(stored, password)
+        except HashPoolBusy as exc:
+            self.repo.audit(None, actor, "login_busy", "", ip=ip, retry_after_s=exc.retry_after_s)
+            raise LoginBusy(exc.retry_after_s) from None
+        ok = matches and reviewer is not None and reviewer.disabled_at is None
         if not ok or reviewer is None:
-            self.repo.audit(None, name[:64] or "-", "login_failed")
+            self.repo.login_failed(keys, block_for=self._block_for)
+            self.repo.audit(None, actor, "login_failed", "", ip=ip, failures=attempt.failures)
+            for scope in attempt.locked_now:
+                self.repo.audit(
+                    None, actor, "login_locked", "", scope=scope, ip=ip,
+                    failures=attempt.failures[scope], lockout_s=self.settings.review_login_lockout_s,
+                )  # fmt: skip
+                log.warning("review login: %s of %s locked after %s failures", scope, actor, attempt.failures)
             raise Forbidden("unknown reviewer or wrong password")
-        if _hasher.check_needs_rehash(reviewer.password_hash):
-            self.repo.set_password_hash(reviewer.name, hash_password(password))
+        self.repo.login_succeeded(actor, ip)
+        if self.hashes.needs_rehash(reviewer.password_hash):
+            with contextlib.suppress(HashPoolBusy):  # else rehashed on a later login
+                self.repo.set_password_hash(reviewer.name, self.hashes.hash(password))
         token = secrets.token_urlsafe(32)
         csrf = secrets.token_urlsafe(32)
         expires = self.repo.create_session(
@@ -297,7 +390,15 @@ class ReviewService:
         return lease
 
     def release(self, job_id: uuid.UUID, who: SessionInfo) -> bool:
-        return self.repo.release_lease(job_id, who.reviewer)
+        """Give back my lease (False when there was none); another reviewer's lease is
+        Forbidden and stays."""
+        if self.repo.release_lease(job_id, who.reviewer):
+            return True
+        held = self.repo.lease(job_id)
+        if held is not None and held.reviewer != who.reviewer:
+            self.repo.audit(job_id, who.reviewer, "release_refused", "", holder=held.reviewer)
+            raise Forbidden(f"case {job_id} is held by {held.reviewer}: only they can release it")
+        return False
 
     def decide(self, job_id: uuid.UUID, who: SessionInfo, approve: bool, reason: str) -> Outcome:
         reason = reason.strip()

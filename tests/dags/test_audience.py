@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from pipeline.audience import (
     AudienceError,
@@ -165,8 +166,8 @@ def test_missing_columns_empty_audience_and_unknown_format() -> None:
         resolve(brief(audience_key="a.csv"), {"a.csv": b"id,name\n"})
     with pytest.raises(AudienceError, match="unknown audience format"):
         audience_source(brief(audience_key="a.xlsx"))
-    with pytest.raises(AudienceError, match="not both"):
-        audience_source(brief(audience_key="a.csv", recipients=[{"id": "r", "name": "R"}]))
+    with pytest.raises(ValidationError, match="not both"):
+        brief(audience_key="a.csv", recipients=[{"id": "r", "name": "R"}])
 
 
 def test_parse_subjects_forms() -> None:

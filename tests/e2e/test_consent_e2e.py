@@ -7,7 +7,7 @@ through the `greetflow` command in subprocesses, as they would:
 - the consented subject's photo -> approved and published, and `greetflow verify` on the
   published clip shows the AIGC label and a trusted C2PA manifest (trainedAlgorithmicMedia);
 - no consent -> not published;
-- a protected person's face -> rejected;
+- a protected person's face -> refused at intake;
 - an unconsented second face -> needs_review (with the face crop for the reviewer);
 - revoked after publishing -> the object is gone within 60 s.
 """
@@ -35,6 +35,7 @@ import consumers.render
 import consumers.takedown
 from pipeline.adapters.kafka import ConsumerWorker
 from pipeline.bootstrap import Container
+from pipeline.campaigns import BriefError
 from pipeline.dev.stack import DevStack
 from pipeline.render.media import extract_frame
 from pipeline.settings import Settings
@@ -79,8 +80,8 @@ class World:
         out = self.cli("consent", "challenge", subject).stdout
         code = re.search(r"code ([A-Z0-9]{6})", out)
         assert code, out
-        evidence = self.out / f"{subject}-consent.txt"
-        evidence.write_text(f"I, {subject}, consent to greeting videos with my face. {code[1]}\n")
+        # The subject's artifact: another picture of them (it must match the consented photo).
+        evidence = faces.grace_selfie(self.out / f"{subject}-evidence")
         granted = self.cli(
             "consent",
             "grant",
@@ -226,15 +227,13 @@ def test_protected_persons_face_is_rejected(world: World) -> None:
     out = world.cli("likeness", "protect", "Eileen Collins", str(world.photos["astronaut"])).stdout
     assert "1 new face(s)" in out
     try:
-        # The requester claims the astronaut's portrait shows their consented grandma.
-        job_id = world.submit("r-protected", "photos/portrait.jpg", "grandma-grace")
-        job = world.settle(job_id)
-        assert job.state == JobState.REJECTED
-        kinds = findings_of(world, job_id)
-        hit = kinds["protected_person"][0]
-        assert hit["severity"] == "block" and hit["evidence"]["person"] == "Eileen Collins"
-        assert "Eileen Collins" in (job.reason or "")
-        assert not any(k.endswith(f"{job_id}.mp4") for k in world.live_keys())
+        # The requester claims the astronaut's portrait shows their consented grandma: the
+        # photo is screened against the gallery at intake and nothing is accepted.
+        with pytest.raises(BriefError, match=r"protected person 'Eileen Collins'.*grandma-grace"):
+            world.submit("r-protected", "photos/portrait.jpg", "grandma-grace")
+        assert not [
+            j for j in world.container.jobs.list_jobs(campaign_id=CAMPAIGN) if j.recipient_id == "r-protected"
+        ]
     finally:
         world.cli("likeness", "unprotect", "Eileen Collins")
 

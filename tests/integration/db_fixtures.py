@@ -83,6 +83,27 @@ def postgres_database(url: str | None = None) -> Iterator[Database]:
         admin.dispose()
 
 
+@contextmanager
+def scratch_postgres_database(url: str | None = None) -> Iterator[Engine]:
+    """A fresh, empty PostgreSQL database on the test server (not a schema of `test`: an
+    external database such as a CRM, for SQL audiences), dropped afterwards."""
+    url = url or postgres_url()
+    admin = _admin_engine(url)
+    name = f"gf_ext_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        engine = create_engine(normalize_url(url).set(database=name))
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+            with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
 @pytest.fixture(params=BACKENDS)
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     """A migrated `Database`, once on SQLite (a file under tmp_path) and once on PostgreSQL."""
@@ -108,6 +129,10 @@ def postgres_db() -> Iterator[Database]:
         yield database
 
 
+# The job id key of requests built here (the stack's own key is in its data_dir).
+TEST_JOB_ID_KEY = b"greetflow-tests-job-id-key-0123456789"
+
+
 def render_request(
     campaign_id: str = "lny-2026",
     recipient_id: str = "r-0001",
@@ -120,7 +145,7 @@ def render_request(
 ) -> RenderRequested:
     """A valid RenderRequested with the deterministic job id."""
     return RenderRequested(
-        job_id=job_id_for(campaign_id, recipient_id, template, version),
+        job_id=job_id_for(TEST_JOB_ID_KEY, campaign_id, recipient_id, template, version),
         campaign_id=campaign_id,
         recipient=Recipient(id=recipient_id, name=name, locale=locale, subjects=subjects),
         template=TemplateRef(name=template, version=version),
@@ -131,6 +156,7 @@ def render_request(
 __all__ = [
     "BACKENDS",
     "DEFAULT_TEST_POSTGRES_URL",
+    "TEST_JOB_ID_KEY",
     "db",
     "postgres_database",
     "postgres_db",

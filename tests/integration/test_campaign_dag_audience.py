@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 
-from pipeline.adapters.db import Database
 from pipeline.audience import AudienceError, iter_audience
 from pipeline.bootstrap import Container
 from pipeline.campaign_runs import CampaignRunService
@@ -22,6 +20,7 @@ from pipeline.settings import Settings
 from pipeline.topics import RENDER_REQUESTS
 from schemas.brief import CampaignBrief
 from schemas.jobs import JobState
+from tests.integration.db_fixtures import scratch_postgres_database
 from tests.integration.pipeline_fixtures import consume_all
 
 pytestmark = pytest.mark.integration
@@ -109,41 +108,42 @@ def test_a_missing_audience_object_fails_validation(container: Container, tmp_pa
         svc.start(write_brief(tmp_path, "mid-missing", "audiences/nope.csv"), "manual__x")
 
 
-def test_sql_audience_on_postgresql_streams_and_is_read_only(postgres_db: Database) -> None:
-    """A `.sql` audience against PostgreSQL: streamed in chunks, in a read-only transaction."""
-    schema = postgres_db.schema
-    with postgres_db.engine.begin() as conn:
-        conn.execute(text("CREATE TABLE crm_customers (cid TEXT, full_name TEXT, lang TEXT)"))
-        conn.execute(
-            text(
-                "INSERT INTO crm_customers SELECT 'c-' || i, '客戶 ' || i, 'en' FROM generate_series(1, 9) i"
+def test_sql_audience_on_postgresql_streams_and_is_read_only() -> None:
+    """A `.sql` audience against an external PostgreSQL database: streamed in chunks, in a
+    read-only transaction."""
+    with scratch_postgres_database() as crm:
+        with crm.begin() as conn:
+            conn.execute(text("CREATE TABLE crm_customers (cid TEXT, full_name TEXT, lang TEXT)"))
+            conn.execute(
+                text(
+                    "INSERT INTO crm_customers SELECT 'c-' || i, '客戶 ' || i, 'en' "
+                    "FROM generate_series(1, 9) i"
+                )
             )
+            conn.execute(text("CREATE SEQUENCE crm_seq"))
+        settings = Settings(audience_database_url=crm.url.render_as_string(hide_password=False))
+        brief = CampaignBrief.model_validate(
+            {"campaign_id": "pg", "title": "PG", "template": {"name": "t"}, "audience_key": "q/a.sql"}
         )
-        conn.execute(text("CREATE SEQUENCE crm_seq"))
-    url = postgres_db.url.update_query_dict({"options": f"-csearch_path={schema}"})
-    settings = Settings(audience_database_url=url.render_as_string(hide_password=False))
-    brief = CampaignBrief.model_validate(
-        {"campaign_id": "pg", "title": "PG", "template": {"name": "t"}, "audience_key": "q/a.sql"}
-    )
 
-    class Store:
-        def __init__(self, query: str) -> None:
-            self.query = query
+        class Store:
+            def __init__(self, query: str) -> None:
+                self.query = query
 
-        def get_bytes(self, bucket: str, key: str) -> bytes:
-            return self.query.encode()
+            def get_bytes(self, bucket: str, key: str) -> bytes:
+                return self.query.encode()
 
-    select = "SELECT cid AS id, full_name AS name, lang AS locale FROM crm_customers ORDER BY cid"
-    chunks = list(iter_audience(brief, store=Store(select), settings=settings, chunk_size=4))  # type: ignore[arg-type]
-    assert [len(c) for c in chunks] == [4, 4, 1]
-    assert chunks[0][0].name == "客戶 1"
+        select = "SELECT cid AS id, full_name AS name, lang AS locale FROM crm_customers ORDER BY cid"
+        chunks = list(iter_audience(brief, store=Store(select), settings=settings, chunk_size=4))  # type: ignore[arg-type]
+        assert [len(c) for c in chunks] == [4, 4, 1]
+        assert chunks[0][0].name == "客戶 1"
 
-    # Passes the one-SELECT check but writes (nextval): the read-only transaction refuses it.
-    sneaky = "SELECT cid AS id, full_name AS name FROM crm_customers WHERE nextval('crm_seq') > 0"
-    with pytest.raises(DBAPIError, match="read-only transaction"):
-        list(iter_audience(brief, store=Store(sneaky), settings=settings))  # type: ignore[arg-type]
-    with postgres_db.engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM crm_customers")).scalar() == 9
+        # Passes the one-SELECT check but writes (nextval): the read-only transaction refuses it.
+        sneaky = "SELECT cid AS id, full_name AS name FROM crm_customers WHERE nextval('crm_seq') > 0"
+        with pytest.raises(AudienceError, match="read-only transaction"):
+            list(iter_audience(brief, store=Store(sneaky), settings=settings))  # type: ignore[arg-type]
+        with crm.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM crm_customers")).scalar() == 9
 
 
 def test_a_brief_for_an_unknown_template_fails_validation(container: Container, tmp_path: Path) -> None:

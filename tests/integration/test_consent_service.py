@@ -25,6 +25,11 @@ def evidence_text(path: Path, code: str) -> Path:
     return path
 
 
+def evidence_selfie(directory: Path) -> Path:
+    """The subject's consent artifact: another picture of Grace (matches her photo)."""
+    return faces.grace_selfie(directory / "evidence")
+
+
 def consent_video(path: Path, still: Path) -> Path:
     """A 2 s 'consent video' showing the subject (a still of the photo)."""
     run_ffmpeg(
@@ -55,7 +60,7 @@ def test_grant_with_code_evidence_and_photo(container: Container, tmp_path: Path
     svc = container.consent_service()
     ch = svc.challenge("grandma-grace", issued_by="op")
     assert len(ch.code) == 6 and (ch.expires_at - ch.issued_at) == timedelta(minutes=30)
-    ev = evidence_text(tmp_path / "consent.txt", ch.code)
+    ev = evidence_selfie(tmp_path)
     rec = svc.grant(
         "grandma-grace",
         scopes=["face", "name"],
@@ -101,7 +106,7 @@ def svc(container: Container) -> ConsentService:
 def test_grant_refusals(svc: ConsentService, container: Container, tmp_path: Path) -> None:
     grace, pair = faces.grace(tmp_path), faces.pair(tmp_path)
     code = svc.challenge("g", issued_by="op").code
-    ev = evidence_text(tmp_path / "ok.txt", code)
+    ev = evidence_selfie(tmp_path)
 
     def attempt(**kw: object) -> None:
         args: dict[str, object] = {
@@ -119,13 +124,13 @@ def test_grant_refusals(svc: ConsentService, container: Container, tmp_path: Pat
         attempt(challenge_code="")
     with pytest.raises(ConsentError, match="not issued"):
         attempt(challenge_code="ZZZZZZ")
-    with pytest.raises(ConsentError, match="does not contain the challenge code"):
-        attempt(evidence=evidence_text(tmp_path / "wrong.txt", "OTHER1"))
+    with pytest.raises(ConsentError, match="not an accepted consent artifact"):
+        attempt(evidence=evidence_text(tmp_path / "consent.txt", code))
     with pytest.raises(ConsentError, match="needs the consented photo"):
         attempt(photo=None)
     with pytest.raises(ConsentError, match="2 faces"):
         attempt(photo=pair)
-    with pytest.raises(ConsentError, match="does not match the photo"):
+    with pytest.raises(ConsentError, match="does not match the consented photo"):
         attempt(evidence=faces.astronaut(tmp_path))  # a selfie of somebody else
     with pytest.raises(ConsentError, match="purpose"):
         attempt(purpose="campaign:../etc")
@@ -184,7 +189,7 @@ def test_a_protected_person_cannot_be_consented_under_another_subject(
             "not-a-celebrity",
             scopes=["face"],
             purpose="*",
-            evidence=evidence_text(tmp_path / "e.txt", code),
+            evidence=evidence_selfie(tmp_path),
             challenge_code=code,
             recorded_by="op",
             photo=portrait,
@@ -201,7 +206,7 @@ def test_revoke_and_expiry_end_grants_delete_faces_and_emit(
         "sub",
         scopes=["face", "name"],
         purpose="*",
-        evidence=evidence_text(tmp_path / "e.txt", code),
+        evidence=evidence_selfie(tmp_path),
         challenge_code=code,
         recorded_by="op",
         photo=grace,
@@ -218,7 +223,7 @@ def test_revoke_and_expiry_end_grants_delete_faces_and_emit(
         "short",
         scopes=["face"],
         purpose="*",
-        evidence=evidence_text(tmp_path / "f.txt", code),
+        evidence=evidence_selfie(tmp_path),
         challenge_code=code,
         recorded_by="op",
         photo=grace,

@@ -24,7 +24,7 @@ from schemas.export import export
 
 def _req() -> RenderRequested:
     return RenderRequested(
-        job_id=job_id_for("c1", "r1", "lunar-new-year", "1"),
+        job_id=job_id_for(b"k" * 32, "c1", "r1", "lunar-new-year", "1"),
         campaign_id="c1",
         recipient=Recipient(id="r1", name="陳大文", locale="zh-Hant-HK"),
         template=TemplateRef(name="lunar-new-year"),
@@ -32,16 +32,18 @@ def _req() -> RenderRequested:
     )
 
 
-def test_job_id_is_deterministic_and_depends_on_every_part() -> None:
-    a = job_id_for("c1", "r1", "lny", "1")
-    assert a == job_id_for("c1", "r1", "lny", "1")
-    assert a.version == 5
+def test_job_id_is_deterministic_keyed_and_depends_on_every_part() -> None:
+    key = b"k" * 32
+    a = job_id_for(key, "c1", "r1", "lny", "1")
+    assert a == job_id_for(key, "c1", "r1", "lny", "1")
+    assert a.version == 8
     others = {
-        job_id_for("c2", "r1", "lny", "1"),
-        job_id_for("c1", "r2", "lny", "1"),
-        job_id_for("c1", "r1", "lny", "2"),
+        job_id_for(key, "c2", "r1", "lny", "1"),
+        job_id_for(key, "c1", "r2", "lny", "1"),
+        job_id_for(key, "c1", "r1", "lny", "2"),
+        job_id_for(b"j" * 32, "c1", "r1", "lny", "1"),
     }
-    assert a not in others and len(others) == 3
+    assert a not in others and len(others) == 4
 
 
 def test_envelope_round_trip() -> None:

@@ -13,18 +13,30 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
 from pipeline.adapters.storage import ObjectStore, validate_key
 from pipeline.repositories import JobEvent, JobRecord
-from schemas.common import utcnow
+from schemas.common import Locale, utcnow
 from schemas.jobs import FINAL_STATES, WAITING_FOR_HUMAN, JobState
 
 REPORTS_PREFIX = "campaigns"
+# A cell starting with one of these is a formula to a spreadsheet program (CSV injection).
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> str:
+    """A CSV cell that a spreadsheet shows as text: a formula-looking value gets a leading
+    apostrophe (the text itself, e.g. a recipient's name, is kept as it was given)."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(CSV_FORMULA_START) else text
+
+
 MODERATION_OUTCOMES = (JobState.APPROVED, JobState.NEEDS_REVIEW, JobState.REJECTED)
 CSV_COLUMNS = (
     "job_id",
@@ -36,6 +48,7 @@ CSV_COLUMNS = (
     "reviewed",
     "reason",
     "url",
+    "name",
 )
 
 
@@ -77,6 +90,8 @@ class JobLine:
     reviewed: bool
     reason: str | None
     url: str | None
+    # The recipient's display name as intake accepted it (a CSV cell neutralizes formulas).
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -117,7 +132,8 @@ class CampaignReport:
         w.writerow(CSV_COLUMNS)
         for j in self.jobs:
             w.writerow(
-                [
+                csv_cell(c)
+                for c in [
                     j.job_id,
                     j.recipient_id,
                     j.locale,
@@ -127,6 +143,7 @@ class CampaignReport:
                     "yes" if j.reviewed else "",
                     j.reason or "",
                     j.url or "",
+                    j.name,
                 ]
             )
         # A BOM so that spreadsheet programs read the CJK names and reasons as UTF-8.
@@ -196,6 +213,7 @@ def build_report(
             reviewed=mod.reviewed,
             reason=rec.reason,
             url=rec.url if rec.state == JobState.PUBLISHED else None,
+            name=str(rec.request_json.get("recipient", {}).get("name", "")),
         )
         lines.append(line)
         if rec.state in (JobState.FAILED, JobState.REJECTED, JobState.TAKEN_DOWN):
@@ -249,3 +267,152 @@ def write_report(report: CampaignReport, store: ObjectStore, bucket: str) -> Wri
     store.put_bytes(bucket, json_key, report.to_json(), content_type="application/json")
     store.put_bytes(bucket, csv_key, report.to_csv(), content_type="text/csv; charset=utf-8")
     return WrittenReport(json_key=json_key, csv_key=csv_key)
+
+
+# --------------------------------------------------------------------------- chart: jobs by state over time
+
+CHART_KEY_NAME = "jobs-by-state.png"
+# Stacked bottom to top: the working states first, the final ones on top.
+CHART_STATES: tuple[JobState, ...] = (
+    JobState.REQUESTED,
+    JobState.RENDERING,
+    JobState.RENDERED,
+    JobState.MODERATING,
+    JobState.APPROVED,
+    JobState.PUBLISHING,
+    JobState.NEEDS_REVIEW,
+    JobState.PUBLISHED,
+    JobState.REJECTED,
+    JobState.TAKEN_DOWN,
+    JobState.FAILED,
+)
+CHART_COLORS: dict[JobState, str] = {
+    JobState.REQUESTED: "#c7c7c7",
+    JobState.RENDERING: "#9ecae1",
+    JobState.RENDERED: "#6baed6",
+    JobState.MODERATING: "#fdd0a2",
+    JobState.APPROVED: "#a1d99b",
+    JobState.PUBLISHING: "#74c476",
+    JobState.NEEDS_REVIEW: "#fdae6b",
+    JobState.PUBLISHED: "#238b45",
+    JobState.REJECTED: "#9e9ac8",
+    JobState.TAKEN_DOWN: "#756bb1",
+    JobState.FAILED: "#de2d26",
+}
+
+
+def state_timeline(
+    history: Mapping[uuid.UUID, Sequence[JobEvent]],
+) -> tuple[list[datetime], dict[JobState, list[int]]]:
+    """Jobs per state after every recorded transition (job_events), oldest first: the
+    times, and one count series per state of CHART_STATES."""
+    events = sorted((ev for evs in history.values() for ev in evs), key=lambda ev: (ev.at, ev.id))
+    current: dict[uuid.UUID, JobState] = {}
+    counts = dict.fromkeys(CHART_STATES, 0)
+    times: list[datetime] = []
+    series: dict[JobState, list[int]] = {st: [] for st in CHART_STATES}
+    for ev in events:
+        before = current.get(ev.job_id)
+        if before is not None:
+            counts[before] -= 1
+        current[ev.job_id] = ev.to_state
+        counts[ev.to_state] += 1
+        if times and times[-1] == ev.at:
+            for st in CHART_STATES:
+                series[st][-1] = counts[st]
+            continue
+        times.append(ev.at)
+        for st in CHART_STATES:
+            series[st].append(counts[st])
+    return times, series
+
+
+def render_state_chart(
+    history: Mapping[uuid.UUID, Sequence[JobEvent]],
+    *,
+    title: str,
+    deadline: datetime | None = None,
+    until: datetime | None = None,
+) -> bytes:
+    """A PNG: the campaign's jobs stacked by state over time (UTC), up to `until` (default
+    now: the last states hold until then), with the deadline."""
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, date2num
+    from matplotlib.figure import Figure
+
+    times, series = state_timeline(history)
+    end = max(until or utcnow(), times[-1]) if times else None
+    if end is not None and end > times[-1]:
+        times.append(end)
+        for counts in series.values():
+            counts.append(counts[-1])
+    x: list[float] = [float(date2num(t)) for t in times]  # type: ignore[no-untyped-call]
+    fig = Figure(figsize=(10, 5), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    shown = [st for st in CHART_STATES if any(series[st])]
+    if times:
+        ax.stackplot(
+            x,
+            *[series[st] for st in shown],
+            labels=[st.value for st in shown],
+            colors=[CHART_COLORS[st] for st in shown],
+            step="post",
+        )
+        right = x[-1]
+        if deadline is not None:
+            at = float(date2num(deadline))  # type: ignore[no-untyped-call]
+            # Drawn when it does not squash the history into a sliver of the chart.
+            if x[0] <= at <= x[-1] + (x[-1] - x[0]):
+                ax.axvline(at, color="black", linestyle="--", linewidth=1, label="deadline")
+                right = max(right, at + 0.02 * (x[-1] - x[0]))
+        locator = AutoDateLocator()  # type: ignore[no-untyped-call]
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
+        ax.set_xlim(x[0], right)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no job events yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title, fontproperties=_title_font(title))
+    ax.set_xlabel("time (UTC)")
+    ax.set_ylabel("jobs")
+    ax.margins(x=0)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _title_font(title: str) -> Any:
+    """Font properties of a face that has every glyph of `title` (campaign titles are often
+    Chinese or Japanese, which matplotlib's default face lacks); None: the default face."""
+    from matplotlib.font_manager import FontProperties
+
+    from pipeline.render.fonts import FontNotFoundError, find_font_face
+
+    try:
+        face = find_font_face(title, Locale.ZH_HANT_HK, weight="regular")
+    except FontNotFoundError as exc:
+        logging.getLogger(__name__).warning("report chart title drawn without some glyphs: %s", exc)
+        return None
+    return FontProperties(fname=str(face.path))
+
+
+def write_chart(
+    report: CampaignReport,
+    history: Mapping[uuid.UUID, Sequence[JobEvent]],
+    store: ObjectStore,
+    bucket: str,
+) -> str | None:
+    """`campaigns/<campaign>/<run>/jobs-by-state.png` beside the report; None (logged) when
+    matplotlib is not installed (it comes with the `airflow` extra)."""
+    try:
+        png = render_state_chart(
+            history,
+            title=f"{report.title} ({report.campaign_id}, run {report.run_key}): jobs by state",
+            deadline=datetime.fromisoformat(report.deadline) if report.deadline else None,
+            until=datetime.fromisoformat(report.generated_at),
+        )
+    except ImportError:
+        logging.getLogger(__name__).warning("no report chart: matplotlib is not installed")
+        return None
+    key = f"{report_prefix(report.campaign_id, report.run_key)}/{CHART_KEY_NAME}"
+    store.put_bytes(bucket, key, png, content_type="image/png")
+    return key

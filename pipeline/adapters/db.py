@@ -7,18 +7,22 @@ One code path for both backends: PostgreSQL (production, psycopg 3) and a SQLite
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
     CheckConstraint,
+    Connection,
     DateTime,
     Dialect,
     Engine,
@@ -27,6 +31,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     text,
@@ -37,13 +42,76 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
+from pipeline.errors import GreetflowError
+
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# pg advisory lock key taken around migrations (one per database, any schema).
+MIGRATION_LOCK_KEY = 7301880313
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 def migrations_dir() -> Path:
     """The Alembic script directory shipped inside the `pipeline` package."""
     return Path(str(resources.files("pipeline").joinpath("migrations")))
+
+
+def _scripts() -> Any:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    return ScriptDirectory.from_config(cfg)
+
+
+def head_revision() -> str:
+    """The newest revision of the shipped migrations (what the code expects)."""
+    head: str | None = _scripts().get_current_head()
+    if head is None:  # pragma: no cover - the package ships its migrations
+        raise RuntimeError(f"no migrations under {migrations_dir()}")
+    return head
+
+
+def known_revisions() -> frozenset[str]:
+    """Every revision of the shipped migrations. A database at another one was migrated by
+    a newer release (this code running during a rollback): it is left as it is."""
+    return frozenset(str(s.revision) for s in _scripts().walk_revisions())
+
+
+class MigrationError(GreetflowError):
+    """The schema could not be brought to (or did not reach) the code's head revision."""
+
+
+@dataclass(frozen=True)
+class MigrationOutcome:
+    """What one process did about the schema: applied the migrations under the lock, or
+    found them applied (at once, or after waiting for the process that held the lock)."""
+
+    before: str | None
+    after: str | None
+    head: str
+    applied: bool
+    waited_s: float
+
+    @property
+    def newer(self) -> bool:
+        """The schema is at a revision this code does not ship (a newer release's)."""
+        return self.after is not None and self.after != self.head and self.after not in known_revisions()
+
+    def describe(self) -> str:
+        if self.newer:
+            return (
+                f"schema at {self.after}, newer than this code's head {self.head} "
+                "(migrated by a newer release); nothing applied"
+            )
+        if self.applied:
+            return (
+                f"applied migrations {self.before or 'none'} -> {self.after} under the migration lock "
+                f"(waited {self.waited_s:.1f} s for it)"
+            )
+        if self.waited_s >= 0.05:
+            return f"waited {self.waited_s:.1f} s for the schema; it is current at {self.after}"
+        return f"schema current at {self.after}; nothing to apply"
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -108,6 +176,8 @@ class JobRow(Base):
     sweeps: Mapped[int] = mapped_column(Integer, default=0)
     sweeps_total: Mapped[int] = mapped_column(Integer, default=0)
     swept_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # Migration 0006: the API tenant that requested the job; None: the CLI or a DAG.
+    owner: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         Index("ix_jobs_campaign_id_state", "campaign_id", "state"),
@@ -361,6 +431,142 @@ class ReviewAuditRow(Base):
     )
 
 
+class ReviewLoginThrottleRow(Base):
+    """Recent failed logins of one account or one client IP (migration 0005), and until
+    when further tries are refused without checking the password."""
+
+    __tablename__ = "review_login_throttle"
+
+    scope: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer)
+    last_failure_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    blocked_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    locked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (CheckConstraint("scope IN ('account', 'ip')", name="ck_review_login_throttle_scope"),)
+
+
+class CampaignRow(Base):
+    """A campaign id claimed by an API tenant (migration 0006); owner None: the CLI or a DAG."""
+
+    __tablename__ = "campaigns"
+
+    campaign_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    __table_args__ = (Index("ix_campaigns_owner", "owner"),)
+
+
+class ApiKeyRow(Base):
+    """An API key (migration 0006): only the SHA-256 of the token is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    tenant: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]] = mapped_column(json_type())
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    rate_limit_per_min: Mapped[int | None] = mapped_column(Integer)
+
+
+class IdempotencyKeyRow(Base):
+    """An Idempotency-Key of one tenant (migration 0006): the request it came with and the job."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
+
+
+class WebhookEndpointRow(Base):
+    """A webhook endpoint (migration 0007) of an API tenant or of one campaign's brief."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str | None] = mapped_column(String(64))
+    campaign_id: Mapped[str | None] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(128))
+    previous_secret: Mapped[str | None] = mapped_column(String(128))
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    events: Mapped[list[str]] = mapped_column(json_type())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    disabled_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+    __table_args__ = (
+        CheckConstraint("tenant IS NOT NULL OR campaign_id IS NOT NULL", name="ck_webhook_endpoints_owner"),
+        Index("ix_webhook_endpoints_tenant", "tenant"),
+        Index("ix_webhook_endpoints_campaign_id", "campaign_id"),
+    )
+
+
+class WebhookDeliveryRow(Base):
+    """One event for one endpoint (migration 0007); `payload` is the exact body sent."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(String(36), ForeignKey("webhook_endpoints.id"))
+    event_id: Mapped[str] = mapped_column(String(36))
+    event_type: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    state: Mapped[str] = mapped_column(String(16))
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_deliveries_endpoint_event"),
+        CheckConstraint("state IN ('pending', 'delivered', 'dead')", name="ck_webhook_deliveries_state"),
+        Index("ix_webhook_deliveries_state_next", "state", "next_attempt_at"),
+    )
+
+
+class WebhookAttemptRow(Base):
+    """One try of a delivery (migration 0007): the answer's status, or the error."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    delivery_id: Mapped[str] = mapped_column(String(36), ForeignKey("webhook_deliveries.id"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (
+        UniqueConstraint("delivery_id", "attempt", name="uq_webhook_attempts_delivery_attempt"),
+    )
+
+
+class WebhookCursorRow(Base):
+    """How far a webhook scan has read an append-only table (migration 0007): job_events for job.failed."""
+
+    __tablename__ = "webhook_cursors"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[int] = mapped_column(BigInteger)
+
+
 def normalize_url(url: str | URL) -> URL:
     """`postgresql://` (and `postgres://`, `postgresql+psycopg2://`) -> `postgresql+psycopg://`."""
     u = make_url(url)
@@ -444,33 +650,121 @@ class Database:
         with self._sessions() as s, s.begin():
             yield s
 
-    def migrate(self, revision: str = "head") -> None:
-        """Alembic `upgrade <revision>` on this engine (and its search_path), in one transaction."""
+    def migrate(self, revision: str = "head", *, lock_timeout_s: float = 300.0) -> MigrationOutcome:
+        """Alembic `upgrade <revision>` on this engine (and its search_path), under the
+        migration lock: a PostgreSQL advisory lock, or a file lock beside the SQLite file.
+
+        Processes that start together never race on the DDL: the first takes the lock and
+        applies; the others wait for it, then find the schema current and apply nothing.
+        """
+        target = head_revision() if revision == "head" else revision
+        known = known_revisions()
+        before = self.current_revision()
+        if before == target or (before is not None and before not in known):
+            return MigrationOutcome(before, before, target, applied=False, waited_s=0.0)
+        started = time.monotonic()
+        with self._migration_lock(lock_timeout_s) as conn:
+            waited = time.monotonic() - started
+            before = self._revision_on(conn)
+            if before == target or (before is not None and before not in known):
+                conn.commit()
+                return MigrationOutcome(before, before, target, applied=False, waited_s=waited)
+            self._upgrade(conn, revision)
+            after = self._revision_on(conn)
+            conn.commit()
+        return MigrationOutcome(before, after, target, applied=True, waited_s=waited)
+
+    def wait_for_head(self, *, timeout_s: float = 300.0, poll_s: float = 1.0) -> MigrationOutcome:
+        """Wait until another process (`greetflow stack init`, the stack-init Job) has
+        migrated the schema to head; MigrationError after `timeout_s`."""
+        started = time.monotonic()
+        target = head_revision()
+        known = known_revisions()
+        while True:
+            current = self.current_revision()
+            if current == target or (current is not None and current not in known):
+                return MigrationOutcome(
+                    current, current, target, applied=False, waited_s=time.monotonic() - started
+                )
+            if time.monotonic() - started >= timeout_s:
+                raise MigrationError(
+                    f"database schema still at {current or 'nothing'} after {timeout_s:g} s, code "
+                    f"expects {target}: run `greetflow stack init` (or `greetflow db migrate`)"
+                )
+            time.sleep(poll_s)
+
+    @contextmanager
+    def _migration_lock(self, timeout_s: float) -> Iterator[Connection]:
+        """A connection that holds the migration lock for as long as the block runs."""
+        if self.is_sqlite:
+            lock_path = self.migration_lock_path
+            lock: AbstractContextManager[object] = nullcontext()
+            if lock_path is not None:
+                lock = FileLock(str(lock_path), timeout=timeout_s)
+            try:
+                with lock, self.engine.connect() as conn:
+                    yield conn
+            except Timeout:
+                raise MigrationError(
+                    f"another process held the migration lock {lock_path} for over {timeout_s:g} s"
+                ) from None
+            return
+        with self.engine.connect() as conn:
+            deadline = time.monotonic() + timeout_s
+            while not conn.execute(
+                text("SELECT pg_try_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY}
+            ).scalar():
+                conn.commit()
+                if time.monotonic() >= deadline:
+                    raise MigrationError(
+                        f"another session held the migration lock (pg advisory lock {MIGRATION_LOCK_KEY}) "
+                        f"for over {timeout_s:g} s"
+                    )
+                time.sleep(0.2)
+            conn.commit()
+            try:
+                yield conn
+            finally:
+                conn.rollback()
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
+                conn.commit()
+
+    @property
+    def migration_lock_path(self) -> Path | None:
+        """The SQLite migration lock file (`<database>.migrate.lock`); None in memory."""
+        if not self.is_sqlite:
+            return None
+        database = self.url.database or ""
+        if database in ("", ":memory:") or database.startswith("file:"):
+            return None
+        path = Path(database).expanduser().resolve()
+        return path.with_name(path.name + ".migrate.lock")
+
+    def _upgrade(self, conn: Connection, revision: str) -> None:
         from alembic import command
         from alembic.config import Config
 
         cfg = Config()
         cfg.set_main_option("script_location", str(migrations_dir()))
-        with self.engine.begin() as conn:
-            if not self.is_sqlite:
-                if self.schema is not None:
-                    conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
-                # Workers that start together must not race on the DDL.
-                conn.execute(text("SELECT pg_advisory_xact_lock(7301880313)"))
-                current = conn.execute(text("SELECT current_schema()")).scalar()
-                if current is None:
-                    raise RuntimeError(
-                        "the connection's search_path names no existing schema; create it first"
-                    )
-                cfg.attributes["version_table_schema"] = current
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
+        if not self.is_sqlite:
+            if self.schema is not None:
+                conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
+            current = conn.execute(text("SELECT current_schema()")).scalar()
+            if current is None:
+                raise RuntimeError("the connection's search_path names no existing schema; create it first")
+            cfg.attributes["version_table_schema"] = current
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
 
-    def current_revision(self) -> str | None:
+    @staticmethod
+    def _revision_on(conn: Connection) -> str | None:
         from alembic.runtime.migration import MigrationContext
 
+        return MigrationContext.configure(conn).get_current_revision()
+
+    def current_revision(self) -> str | None:
         with self.engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+            return self._revision_on(conn)
 
     def dispose(self) -> None:
         self.engine.dispose()

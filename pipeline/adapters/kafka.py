@@ -23,6 +23,7 @@ The worker loop is the reliability core of every consumer:
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import threading
@@ -45,7 +46,9 @@ from tenacity import (
     wait_exponential,
 )
 
+from pipeline import metrics
 from pipeline.errors import (
+    ConfigError,
     GreetflowError,
     MessageTooLarge,
     WorkerOutage,
@@ -53,8 +56,10 @@ from pipeline.errors import (
     is_permanent,
     is_too_large,
 )
+from pipeline.logs import bind
 from pipeline.settings import Settings
 from pipeline.topics import dlq
+from pipeline.tracing import TRACEPARENT, header, headers_for, parse_traceparent, step_span
 from schemas.events import Envelope, _Payload, parse_envelope
 
 if TYPE_CHECKING:
@@ -79,17 +84,76 @@ def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int
     return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers))
 
 
-class EventBus:
-    """A thin producer: JSON envelopes keyed by job id, acks from all replicas."""
+def kafka_client_config(settings: Settings) -> dict[str, Any]:
+    """Connection security of every Kafka client (producer, consumer, admin): the ONE place
+    that turns the kafka_security_* / kafka_sasl_* / kafka_ssl_* settings into kafka-python
+    options. ConfigError (one line, naming the setting) for an incomplete or unsafe set;
+    production refuses connections without TLS."""
+    protocol = settings.kafka_security_protocol
+    if settings.environment == "production" and protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
+        raise ConfigError(
+            f"GREETFLOW_KAFKA_SECURITY_PROTOCOL is {protocol}: production needs SASL_SSL (or SSL with "
+            "client certificates)"
+        )
+    config: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        config["ssl_check_hostname"] = settings.kafka_ssl_check_hostname
+        files = {
+            "ssl_cafile": settings.kafka_ssl_cafile,
+            "ssl_certfile": settings.kafka_ssl_certfile,
+            "ssl_keyfile": settings.kafka_ssl_keyfile,
+        }
+        for option, path in files.items():
+            if path is None:
+                continue
+            if not path.is_file():
+                raise ConfigError(f"GREETFLOW_KAFKA_{option.upper()} {path} is not a readable file")
+            config[option] = str(path)
+        if (settings.kafka_ssl_certfile is None) != (settings.kafka_ssl_keyfile is None):
+            raise ConfigError("GREETFLOW_KAFKA_SSL_CERTFILE and GREETFLOW_KAFKA_SSL_KEYFILE go together")
+        if protocol == "SSL" and settings.kafka_ssl_certfile is None and settings.environment == "production":
+            raise ConfigError(
+                "GREETFLOW_KAFKA_SECURITY_PROTOCOL=SSL without GREETFLOW_KAFKA_SSL_CERTFILE authenticates "
+                "nobody: set a client certificate, or use SASL_SSL"
+            )
+        key_password = settings.kafka_ssl_key_password.get_secret_value()
+        if key_password:
+            config["ssl_password"] = key_password
+    if protocol.startswith("SASL_"):
+        password = settings.kafka_sasl_password.get_secret_value()
+        if not settings.kafka_sasl_username or not password:
+            raise ConfigError(
+                f"GREETFLOW_KAFKA_SECURITY_PROTOCOL={protocol} needs GREETFLOW_KAFKA_SASL_USERNAME and "
+                "GREETFLOW_KAFKA_SASL_PASSWORD"
+            )
+        config.update(
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=password,
+        )
+    return config
 
-    def __init__(self, settings: Settings, *, send_timeout_s: float = 30.0) -> None:
+
+Signer = Callable[[Envelope[Any]], Envelope[Any]]
+
+
+class EventBus:
+    """A thin producer: JSON envelopes keyed by job id, acks from all replicas. `sign`
+    (pipeline.trust.ProducerKeys.sign) adds this producer's signature to every envelope."""
+
+    def __init__(
+        self, settings: Settings, *, send_timeout_s: float = 30.0, sign: Signer | None = None
+    ) -> None:
         from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
         self._timeout = send_timeout_s
+        self._sign: Signer = sign or (lambda env: env)
         self.max_request_bytes = settings.kafka_max_request_bytes
+        security = kafka_client_config(settings)
         try:
             self._producer = KafkaProducer(
+                **security,
                 bootstrap_servers=settings.kafka_bootstrap,
                 client_id=f"{settings.kafka_client_id}-producer",
                 acks="all",
@@ -115,8 +179,8 @@ class EventBus:
         event_id: uuid.UUID | None = None,
     ) -> Envelope[Any]:
         """`event_id`: the envelope id (deterministic for re-announcements); None: a random one."""
-        env = Envelope.wrap(payload, trace_id=trace_id, id=event_id)
-        self.send_raw(topic, env.model_dump_json().encode(), key=key)
+        env = self._sign(Envelope.wrap(payload, trace_id=trace_id, id=event_id))
+        self.send_raw(topic, env.model_dump_json().encode(), key=key, headers=headers_for(env.trace_id))
         return env
 
     def publish_many(
@@ -125,8 +189,15 @@ class EventBus:
         """Send a batch and wait for every ack once (much faster than one flush per message)."""
         futures = []
         for key, payload in items:
-            env = Envelope.wrap(payload, trace_id=trace_id)
-            futures.append(self._producer.send(topic, value=env.model_dump_json().encode(), key=key.encode()))
+            env = self._sign(Envelope.wrap(payload, trace_id=trace_id))
+            futures.append(
+                self._producer.send(
+                    topic,
+                    value=env.model_dump_json().encode(),
+                    key=key.encode(),
+                    headers=headers_for(env.trace_id),
+                )
+            )
         for fut in futures:
             fut.get(timeout=self._timeout)
         return len(futures)
@@ -241,9 +312,13 @@ class ConsumerWorker(Generic[P]):
         max_poll_records: int = 10,
         shutdown_grace_s: float = 60.0,
         spill: ObjectStore | None = None,
+        step: str | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
+        # The step label of metrics, spans and log lines; default: the role in `ROLE@host:pid`.
+        self.step = step or name.partition("@")[0]
+        metrics.init_topic(topic, self.step)
         self.topic = topic
         self.group_id = group_id
         self.payload_type = payload_type
@@ -261,6 +336,7 @@ class ConsumerWorker(Generic[P]):
         # Cleared while a service the worker needs is unreachable; set again once it answers.
         self.healthy = threading.Event()
         self.healthy.set()
+        self.last_poll = time.monotonic()  # the loop polls at least every second, even mid-handler
 
     def stop(self) -> None:
         self._stop.set()
@@ -268,6 +344,13 @@ class ConsumerWorker(Generic[P]):
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def is_live(self) -> bool:
+        """For a liveness probe: the loop polled within max.poll.interval, or two minutes when
+        that is shorter (a commit may block for a minute while the broker is away)."""
+        limit = max(120.0, self.settings.consumer_max_poll_interval_ms / 1000)
+        return time.monotonic() - self.last_poll < limit
 
     @property
     def is_ready(self) -> bool:
@@ -278,8 +361,10 @@ class ConsumerWorker(Generic[P]):
         from kafka import KafkaConsumer
         from kafka.errors import KafkaError
 
+        security = kafka_client_config(self.settings)
         try:
             consumer = KafkaConsumer(
+                **security,
                 bootstrap_servers=self.settings.kafka_bootstrap,
                 client_id=f"{self.settings.kafka_client_id}-{self.name}",
                 group_id=self.group_id,
@@ -308,6 +393,7 @@ class ConsumerWorker(Generic[P]):
         try:
             while not self._stop.is_set():
                 batch = consumer.poll(timeout_ms=self.settings.consumer_poll_timeout_ms)
+                self.last_poll = time.monotonic()
                 if consumer.assignment():
                     self.ready.set()
                 if self._watch.pending:
@@ -412,18 +498,52 @@ class ConsumerWorker(Generic[P]):
 
     def _process(self, consumer: Any, record: Any) -> bool:
         """Handle one record. Returns False only when abandoned at shutdown."""
+        metrics.MESSAGES_CONSUMED.labels(topic=self.topic).inc()
+        parent = header(record.headers, TRACEPARENT)
         try:
             env: Envelope[P] = parse_envelope(record.value, self.payload_type)
         except Exception as parse_exc:  # any undecodable input (None, bytes, bad JSON) is dead-lettered
-            return self._dead_letter(consumer, record, None, parse_exc, attempts=1)
+            from_header = parse_traceparent(parent)
+            with bind(worker=self.name, step=self.step, trace_id=from_header[0] if from_header else None):
+                return self._dead_letter(consumer, record, None, parse_exc, attempts=1)
+        payload = env.payload
+        with bind(
+            worker=self.name,
+            step=self.step,
+            trace_id=env.trace_id,
+            job_id=getattr(payload, "job_id", None),
+            campaign_id=getattr(payload, "campaign_id", None),
+        ):
+            return self._process_envelope(consumer, record, env, parent)
 
+    def _traced(self, env: Envelope[P], parent: bytes | None) -> None:
+        """One handler call, in the step's span and timed (runs in the handler thread)."""
+        job_id = getattr(env.payload, "job_id", None)
+        attributes = {
+            "messaging.system": "kafka",
+            "messaging.destination.name": self.topic,
+            "messaging.message.id": str(env.id),
+            "greetflow.job_id": str(job_id) if job_id is not None else None,
+            "greetflow.worker": self.name,
+        }
+        started = time.perf_counter()
+        try:
+            with step_span(self.step, trace_id=env.trace_id, parent=parent, attributes=attributes):
+                self.handler(env)
+        finally:
+            metrics.HANDLER_SECONDS.labels(step=self.step).observe(time.perf_counter() - started)
+
+    def _process_envelope(self, consumer: Any, record: Any, env: Envelope[P], parent: bytes | None) -> bool:
+        started = time.perf_counter()
         attempts = 0
 
         def attempt() -> None:
             nonlocal attempts
             attempts += 1
             self._outage_retry(
-                consumer, lambda: self._call_polling(consumer, self.handler, env), what=f"handling {env.id}"
+                consumer,
+                lambda: self._call_polling(consumer, self._traced, env, parent),
+                what=f"handling {env.id}",
             )
 
         def retry_message(exc: BaseException) -> bool:
@@ -431,6 +551,7 @@ class ConsumerWorker(Generic[P]):
 
         def before_sleep(state: RetryCallState) -> None:
             self.stats.retried += 1
+            metrics.MESSAGES_RETRIED.labels(topic=self.topic).inc()
             failure = state.outcome.exception() if state.outcome else None
             log.warning(
                 "%s: attempt %d for %s failed (%s: %s); retrying in %.1fs",
@@ -461,6 +582,11 @@ class ConsumerWorker(Generic[P]):
         except Exception as failure:
             return self._dead_letter(consumer, record, env, failure, attempts=attempts)
         self.stats.processed += 1
+        metrics.MESSAGES_SUCCEEDED.labels(topic=self.topic).inc()
+        log.info(
+            "%s: handled %s %s[%s]@%s in %.2fs",
+            self.name, env.type, record.topic, record.partition, record.offset, time.perf_counter() - started,
+        )  # fmt: skip
         return True
 
     # ------------------------------------------------------------------ waiting in the group
@@ -478,6 +604,7 @@ class ConsumerWorker(Generic[P]):
             if assigned:
                 consumer.pause(*assigned)
             stray = consumer.poll(timeout_ms=200)
+            self.last_poll = time.monotonic()
             for tp, records in stray.items():
                 # A rebalance during the wait can hand us unpaused partitions; put back.
                 consumer.seek(tp, records[0].offset)
@@ -487,8 +614,9 @@ class ConsumerWorker(Generic[P]):
         return True
 
     def _call_polling(self, consumer: Any, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking call (handler, DLQ write, spill) in the handler thread while polling."""
-        future = self._executor.submit(fn, *args)
+        """Run a blocking call (handler, DLQ write, spill) in the handler thread while polling;
+        it sees this thread's contextvars (the log context of the message)."""
+        future = self._executor.submit(contextvars.copy_context().run, fn, *args)
         if not self._hold(consumer, future.done, grace_s=self.shutdown_grace_s):
             raise _Abandoned
         return future.result()
@@ -581,6 +709,10 @@ class ConsumerWorker(Generic[P]):
             ("failed_at", datetime.now(UTC).isoformat().encode()),
             *_identity(record.value, env),
         ]
+        if env is not None:
+            headers.extend(headers_for(env.trace_id))
+        elif (original := header(record.headers, TRACEPARENT)) is not None:
+            headers.append((TRACEPARENT, original))
         # Never lose an accepted message: until the DLQ or the object store took it, the
         # offset is not committed (any failure of the spill counts as an outage).
         try:
@@ -593,6 +725,7 @@ class ConsumerWorker(Generic[P]):
         except _Abandoned:
             return False
         self.stats.dead_lettered += 1
+        metrics.MESSAGES_DEAD_LETTERED.labels(topic=self.topic).inc()
         if self.on_dead_letter is not None:
             try:
                 self.on_dead_letter(env, exc)
@@ -689,12 +822,15 @@ class ConsumerWorker(Generic[P]):
 _TOPIC_ALREADY_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
 
 
-def admin_client(bootstrap: str, client_id: str, timeout_s: float) -> Any:
-    """A KafkaAdminClient that gives up connecting and answering after about `timeout_s`."""
+def admin_client(bootstrap: str, client_id: str, timeout_s: float, settings: Settings | None = None) -> Any:
+    """A KafkaAdminClient that gives up connecting and answering after about `timeout_s`;
+    with `settings`, connected as they say (SASL / TLS); without, PLAINTEXT (the embedded stack)."""
     from kafka import KafkaAdminClient
 
     timeout_ms = max(int(timeout_s * 1000), 500)
+    security = kafka_client_config(settings) if settings is not None else {}
     return KafkaAdminClient(
+        **security,
         bootstrap_servers=bootstrap,
         client_id=client_id,
         request_timeout_ms=max(timeout_ms, 1000),
@@ -712,15 +848,15 @@ def ensure_topics(
     """Create every topic that is missing (idempotent): by default every pipeline topic and
     its `.dlq` twin, on `settings.kafka_bootstrap`. Returns the names created.
 
-    Main topics get `settings.topic_partitions` partitions, `.dlq` topics one;
-    replication factor 1.
+    Main topics get `settings.topic_partitions` partitions, `.dlq` topics
+    `settings.dlq_topic_partitions`; replication factor `settings.topic_replication_factor`.
     """
     from kafka.errors import for_code
 
     from pipeline.topics import ALL_TOPICS
 
     wanted = tuple(ALL_TOPICS if topics is None else topics)
-    admin = admin_client(bootstrap or settings.kafka_bootstrap, settings.kafka_client_id, timeout_s)
+    admin = admin_client(bootstrap or settings.kafka_bootstrap, settings.kafka_client_id, timeout_s, settings)
     try:
         existing = set(admin.list_topics())
         missing = [t for t in wanted if t not in existing]
@@ -728,8 +864,10 @@ def ensure_topics(
             return []
         request = {
             t: {
-                "num_partitions": 1 if t.endswith(".dlq") else settings.topic_partitions,
-                "replication_factor": 1,
+                "num_partitions": (
+                    settings.dlq_topic_partitions if t.endswith(".dlq") else settings.topic_partitions
+                ),
+                "replication_factor": settings.topic_replication_factor,
             }
             for t in missing
         }
@@ -802,6 +940,7 @@ def group_lag(
         parts: dict[str, list[Any]] = {}
         for group_id, topic in pairs:
             reader = readers[group_id] = KafkaConsumer(
+                **kafka_client_config(settings),
                 bootstrap_servers=bootstrap or settings.kafka_bootstrap,
                 client_id=f"{settings.kafka_client_id}-lag-probe",
                 group_id=group_id,

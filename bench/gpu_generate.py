@@ -4,6 +4,9 @@
     python bench/gpu_generate.py --model-dir /models/sdxl-turbo --steps 4 --size 1024 --batch 4
     # no model at hand: build a tiny pipeline from config and time that (plumbing check)
     python bench/gpu_generate.py --tiny
+    # video: every backend (ltx, ltx2, wan, cogvideox), text- and image-to-video
+    python bench/gpu_generate.py --video --tiny --json   # tiny pipelines, CPU, product loader
+    python bench/gpu_generate.py --video --json          # full-size architectures, bf16, CUDA
 
 It loads the model ONCE with `pipeline.render.generate.load_diffusion_pipeline` (cuda when
 present, bf16/fp16 there), warms up, then times `DiffusersGenerator.generate` on batches of
@@ -36,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--prompt", default="red and gold chinese new year background, glowing lanterns, no text")
+    p.add_argument("--video", action="store_true", help="time the video backends (bench/video_bench.py)")
+    p.add_argument("--json", action="store_true", help="video: print only the JSON line")
+    p.add_argument("--backends", default="ltx,ltx2,wan,cogvideox", help="video: comma-separated backends")
+    p.add_argument("--steps-timed", type=int, default=3, help="video, full size: denoising steps run")
     a = p.parse_args(argv)
+    if a.video:
+        return _video(a)
 
     import torch
 
@@ -87,6 +96,26 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result))
     if tmp is not None:
         tmp.cleanup()
+    return 0
+
+
+def _video(a: argparse.Namespace) -> int:
+    from bench.video_bench import BACKENDS, run_full, run_tiny
+
+    backends = tuple(b.strip() for b in a.backends.split(",") if b.strip())
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        print(f"unknown backend(s) {', '.join(unknown)} (known: {', '.join(BACKENDS)})", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    result = run_tiny(backends) if a.tiny else run_full(backends, steps_timed=a.steps_timed)
+    result = {"mode": "tiny-cpu" if a.tiny else "full-size-gpu", **result}
+    if not a.json:
+        for b in backends:
+            for mode, r in result[b].items():
+                print(f"{b:10} {mode}: {r.get('frames', '-')} frames in {r.get('seconds', '-')} s")
+        print(f"total {time.perf_counter() - started:.1f} s")
+    print(json.dumps(result))
     return 0
 
 

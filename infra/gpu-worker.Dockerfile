@@ -12,6 +12,13 @@ COPY pipeline pipeline
 COPY consumers consumers
 # The default torch wheel of PyPI for Linux x86_64 is the CUDA build.
 RUN pip install --no-cache-dir torch==2.13.0 && pip install --no-cache-dir -c constraints.txt '.[gen]'
-ENV GREETFLOW_RENDER_DEVICE=cuda GREETFLOW_DATA_DIR=/tmp/greetflow
+# Video models are mounted read-only under /models in the save_pretrained layout
+# (docs/generation.md) and named per deployment, e.g. GREETFLOW_VIDEO_MODEL_DIR=/models/ltx-video
+# and GREETFLOW_VIDEO_I2V_MODEL_DIR=/models/wan-i2v; nothing is downloaded at run time.
+# One render worker per GPU.
+ENV GREETFLOW_RENDER_DEVICE=cuda GREETFLOW_DATA_DIR=/tmp/greetflow \
+    GREETFLOW_VIDEO_DEVICE=cuda GREETFLOW_VIDEO_DTYPE=bfloat16 \
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+VOLUME /models
 USER 1000
 ENTRYPOINT []

@@ -21,12 +21,14 @@ authority unless configured, no remote manifest fetch, no OCSP.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +307,12 @@ class GenerationInfo:
     job_id: str
     campaign_id: str
     producer: str
+    # How the visuals were generated (the render step's record: plates with their model
+    # fingerprints and parameters, reference assets), and the consent grants relied on.
+    generation: Mapping[str, Any] = field(default_factory=dict)
+    consent_ids: tuple[str, ...] = ()
+    # Reference assets as C2PA ingredients: (title, MIME type, local file).
+    ingredients: tuple[tuple[str, str, Path], ...] = ()
 
 
 def c2pa_manifest(info: GenerationInfo) -> dict[str, Any]:
@@ -327,7 +335,11 @@ def c2pa_manifest(info: GenerationInfo) -> dict[str, Any]:
                             "action": "c2pa.created",
                             "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
                             "softwareAgent": {"name": f"{info.producer} renderer", "version": ours},
-                            "parameters": {"template": info.template, "model": info.model},
+                            "parameters": {
+                                "template": info.template,
+                                "model": info.model,
+                                **({"models": _models_of(info.generation)} if info.generation else {}),
+                            },
                         }
                     ]
                 },
@@ -339,10 +351,34 @@ def c2pa_manifest(info: GenerationInfo) -> dict[str, Any]:
                     "model": info.model,
                     "job_id": info.job_id,
                     "campaign_id": info.campaign_id,
+                    **({"generation": dict(info.generation)} if info.generation else {}),
+                    **({"consent_ids": list(info.consent_ids)} if info.consent_ids else {}),
                 },
             },
         ],
     }
+
+
+def _models_of(generation: Mapping[str, Any]) -> list[str]:
+    plates = generation.get("plates") or []
+    found = [str(p.get("model")) for p in plates if isinstance(p, dict) and p.get("model")]
+    if generation.get("still_generator"):
+        found.append(str(generation["still_generator"]))
+    return sorted(set(found))
+
+
+def producer_code(rendered_sha: str, info: GenerationInfo) -> str:
+    """ReservedCode1 of the AIGC label (256 characters at most): the rendered clip's hash,
+    the models (fingerprints) and a hash of every generation parameter, and the consent
+    grants relied on (ids shortened to 8 hex digits when they do not all fit)."""
+    models = ",".join(m.rsplit(":", 1)[-1] for m in _models_of(info.generation)) or info.model
+    params = hashlib.sha256(json.dumps(dict(info.generation), sort_keys=True).encode()).hexdigest()[:16]
+    head = f"sha256:{rendered_sha};model:{models[:60]};params:{params}"
+    for ids in (list(info.consent_ids), [c[:8] for c in info.consent_ids]):
+        code = head + (f";consent:{','.join(ids)}" if ids else "")
+        if len(code) <= 256:
+            return code
+    return head[:256]
 
 
 _C2PA_BASE: dict[str, Any] = {
@@ -351,7 +387,13 @@ _C2PA_BASE: dict[str, Any] = {
 }
 
 
-def sign_c2pa(src: Path, dst: Path, manifest: dict[str, Any], material: SigningMaterial) -> bytes:
+def sign_c2pa(
+    src: Path,
+    dst: Path,
+    manifest: dict[str, Any],
+    material: SigningMaterial,
+    ingredients: Sequence[tuple[str, str, Path]] = (),
+) -> bytes:
     """Embed and sign a C2PA manifest into `dst` (an MP4). Returns the manifest bytes.
 
     Must be the last write to the file.
@@ -371,6 +413,9 @@ def sign_c2pa(src: Path, dst: Path, manifest: dict[str, Any], material: SigningM
                 src.open("rb") as fin,
                 dst.open("w+b") as fout,
             ):
+                for title, fmt, path in ingredients:
+                    with path.open("rb") as ing:
+                        builder.add_ingredient({"title": title, "relationship": "inputTo"}, fmt, ing)
                 return bytes(builder.sign(signer, "video/mp4", fin, fout))
         finally:
             signer.close()
@@ -423,6 +468,7 @@ def read_c2pa(path: Path, *, anchors_pem: str | None) -> C2paReport:
         f"{f.get('code')}: {f.get('explanation', '')}"
         for f in ((results.get("activeManifest") or {}).get("failure") or [])
     )
+    ingredients = tuple(str(i.get("title", "")) for i in active.get("ingredients", []) or [])
     sig = active.get("signature_info") or {}
     gen = (active.get("claim_generator_info") or [{}])[0]
     return C2paReport(
@@ -437,6 +483,7 @@ def read_c2pa(path: Path, *, anchors_pem: str | None) -> C2paReport:
         actions=tuple(actions),
         digital_source_types=tuple(sources),
         parameters=params,
+        ingredients=ingredients,
         failures=failures,
         message=f"manifest {state}" + (f" ({'; '.join(failures)})" if failures else ""),
     )
@@ -457,7 +504,7 @@ def label_and_sign(
     with tempfile.TemporaryDirectory(prefix=".label-", dir=dst.parent) as tmp:
         labelled = Path(tmp) / "aigc.mp4"
         write_aigc_label(src, labelled, label)
-        sign_c2pa(labelled, dst, c2pa_manifest(info), material)
+        sign_c2pa(labelled, dst, c2pa_manifest(info), material, info.ingredients)
 
 
 def verify_clip(path: Path, settings: Settings, *, check_visible_label: bool = True) -> ProvenanceReport:
@@ -527,6 +574,10 @@ def report_lines(report: ProvenanceReport) -> list[str]:
             f"actions {', '.join(c.actions)}; digitalSourceType {sources}; "
             f"template {c.parameters.get('template', '-')}; model {c.parameters.get('model', '-')}"
         )
+        if c.parameters.get("models"):
+            lines.append(f"  generated with {', '.join(map(str, c.parameters['models']))}")
+        if c.ingredients:
+            lines.append(f"  ingredients: {', '.join(c.ingredients)}")
         lines.extend(f"  failure: {f}" for f in c.failures)
         if c.validation_state == "Valid":
             lines.append(

@@ -70,6 +70,7 @@ class C2paReport(BaseModel):
     actions: tuple[str, ...] = ()
     digital_source_types: tuple[str, ...] = ()
     parameters: dict[str, Any] = Field(default_factory=dict)
+    ingredients: tuple[str, ...] = ()  # titles of the ingredient assets (reference images)
     failures: tuple[str, ...] = ()
     message: str = ""
 

@@ -33,10 +33,10 @@ from pipeline.render.draw import (
     unpremultiply,
 )
 from pipeline.render.fonts import FontFace, find_font_face
-from pipeline.render.layout import fit_block, load_font
+from pipeline.render.layout import fit_text_box, load_font
 from schemas.common import Locale
 from schemas.template import Box as FracBox
-from schemas.template import TextStyle
+from schemas.template import Overflow, TextStyle
 
 
 def size_scale(width: int, height: int) -> float:
@@ -74,6 +74,9 @@ class Still:
     y_at: Callable[[float], float] | None = None
     x_at: Callable[[float], float] | None = None
     meta: dict[str, object] = field(default_factory=dict)
+    # A moving layer: raw frames (the format and size of `image`, its first frame) from
+    # `start` on, one per output frame; the last one holds.
+    video: Path | None = None
 
     @property
     def alpha(self) -> bool:
@@ -133,22 +136,23 @@ def draw_text(
     font_dirs: Sequence[Path | str] = (),
     ornament: bool = False,
     pill: bool = False,
+    overflow: Overflow = "reject",
 ) -> DrawnText:
     """Auto-fit `text` in `box` (frame px), centred, with stroke/glow/shadow; optionally a
     gold divider under it, or a translucent pill behind it (captions)."""
     face = find_font_face(text.replace("\n", ""), locale, weight=style.weight, extra_dirs=font_dirs)
     div_h = max(8, round(30 * scale)) if ornament else 0
     gap = round(40 * scale) if ornament else 0
-    stroke_room = round(16 * scale) if style.stroke else 0
-    fitted = fit_block(
+    fitted = fit_text_box(
         text,
         face,
-        max_width=max(8, box.width - stroke_room - (round(60 * scale) if pill else 0)),
-        max_height=max(8, box.height - div_h - gap - (round(30 * scale) if pill else 0)),
-        max_size=max(6, round(style.max_size * scale)),
-        min_size=max(6, round(style.min_size * scale)),
-        leading=style.leading,
-        max_lines=style.max_lines,
+        box_width=box.width,
+        box_height=box.height,
+        style=style,
+        scale=scale,
+        ornament=ornament,
+        pill=pill,
+        overflow=overflow,
     )
     pad = round(70 * scale) + 8
     w, h = box.width + 2 * pad, box.height + 2 * pad
@@ -244,16 +248,41 @@ def photo_still(
     photo: Path, box: Box, *, shape: str, frame: str, scale: float
 ) -> tuple[Image.Image, int, int]:
     """The subject photo: a face-centred square crop in a rim, with a soft shadow."""
+    return framed_photo(load_photo(photo), box, shape=shape, frame=frame, scale=scale)
+
+
+def load_photo(photo: Path) -> Image.Image:
     try:
         with Image.open(photo) as im:
-            img = ImageOps.exif_transpose(im).convert("RGB")
+            return ImageOps.exif_transpose(im).convert("RGB")
     except (OSError, ValueError) as exc:
         raise PermanentError(f"subject photo {photo.name} cannot be decoded: {exc}") from exc
+
+
+def face_crop(img: Image.Image) -> Image.Image:
+    """A square crop where the face fills ~45 %, a little above the centre (the image as it
+    is when no face is found)."""
+    face = face_center(img)
+    if face is not None:
+        cx, cy, fs = face
+        crop = min(1.0, fs / 0.45) * max(img.width, img.height)
+        crop = min(crop, img.width, img.height)
+        x0 = min(max(0.0, cx * img.width - crop / 2), img.width - crop)
+        y0 = min(max(0.0, cy * img.height - crop * 0.45), img.height - crop)
+        img = img.crop((round(x0), round(y0), round(x0 + crop), round(y0 + crop)))
+    return img
+
+
+def framed_photo(
+    img: Image.Image, box: Box, *, shape: str, frame: str, scale: float, find_face: bool = True
+) -> tuple[Image.Image, int, int]:
+    """`img` fitted in the photo box: cropped round the face (find_face), in a rim, with a
+    soft shadow; RGBA and its top-left corner."""
     side = min(box.width, box.height) - round(24 * scale)
     side -= side % 2
     if side < 16:
         raise PermanentError(f"photo box {box} is too small")
-    face = face_center(img)
+    face = face_center(img) if find_face else None
     if face is not None:
         cx, cy, fs = face
         # the face fills ~45 % of the crop, a little above the centre
@@ -424,10 +453,17 @@ def overlay_chain(
     for k, s in enumerate(stills):
         idx = first_input + k
         fmt = "yuva420p" if s.alpha else "yuv420p"
-        chain = (
-            f"[{idx}:v]scale=out_color_matrix=bt709:out_range=tv,format={fmt},"
-            f"loop=loop=-1:size=1:start=0,setpts=N/({fps}*TB)"
-        )
+        if s.video is not None:
+            # frame k of the layer shows at global time s.start + k / fps
+            chain = (
+                f"[{idx}:v]scale=out_color_matrix=bt709:out_range=tv,format={fmt},"
+                f"setpts=N/({fps}*TB)+{s.start - offset:.4f}/TB"
+            )
+        else:
+            chain = (
+                f"[{idx}:v]scale=out_color_matrix=bt709:out_range=tv,format={fmt},"
+                f"loop=loop=-1:size=1:start=0,setpts=N/({fps}*TB)"
+            )
         start = max(s.start, offset)
         end = min(seg_end, s.end if s.end is not None else seg_end)
         if s.fade_in > 0 and s.start + s.fade_in > offset:

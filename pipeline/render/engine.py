@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import math
@@ -37,7 +38,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline import metrics
 from pipeline.adapters.storage import sha256_file
+from pipeline.consent.rules import may_animate
 from pipeline.errors import PermanentError
 from pipeline.ports import RenderedClip
 from pipeline.render import audio as audio_mod
@@ -47,8 +50,11 @@ from pipeline.render.compose import (
     box_px,
     composite_at,
     draw_text,
+    face_crop,
+    framed_photo,
     hanging_cluster,
     label_still,
+    load_photo,
     overlay_chain,
     particles_image,
     photo_still,
@@ -56,8 +62,10 @@ from pipeline.render.compose import (
     yuv420_frame_to_rgb,
 )
 from pipeline.render.draw import LANTERN_CHAR, safe_area
+from pipeline.render.draw import Box as PixelBox
 from pipeline.render.fonts import find_font_face
 from pipeline.render.generate import Generator, GenRequest, ProceduralGenerator, cover
+from pipeline.render.layout import VoiceDoesNotFit, fit_voice
 from pipeline.render.media import (
     RenderError,
     aac_args,
@@ -79,16 +87,19 @@ from pipeline.render.templates import (
     substitute,
 )
 from pipeline.render.tts import TTS, EspeakTTS, Speech, SpeechPart, voice_locale_for
+from pipeline.render.video import Plate, VideoPlates, cycle_frames, decode_plate, fill_filter, plate_key
 from pipeline.settings import Settings
-from schemas.brief import TemplateRef
+from schemas.brief import Reference, TemplateRef
 from schemas.common import Locale
 from schemas.events import RenderRequested
 from schemas.template import (
     BackgroundLayer,
     CaptionsLayer,
     GeneratedSource,
+    GeneratedVideoSource,
     ImageSource,
     LabelLayer,
+    LivingPhotoLayer,
     MusicFile,
     ParticlesLayer,
     PhotoLayer,
@@ -204,6 +215,11 @@ class RenderResult:
     true_peak_db: float
     timings: dict[str, float] = field(default_factory=dict)
     segments_key: str = ""
+    # (layer id, text) of every personal text drawn, and the merge values substituted
+    drawn_texts: tuple[tuple[str, str], ...] = ()
+    merge_values: dict[str, str] = field(default_factory=dict)
+    # models, parameters and plate keys of the generated visuals; reference assets
+    generation: dict[str, object] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -322,8 +338,10 @@ class TemplateRenderer:
         variant: str | None = None,
         cache_max_bytes: int = 20 * 2**30,
         timeout_s: float = 600.0,
+        videos: VideoPlates | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir)
+        self.videos = videos
         self.generator: Generator = generator or ProceduralGenerator()
         self.tts: TTS = tts or EspeakTTS(sample_rate=SAMPLE_RATE)
         self.templates_dir = templates_dir
@@ -347,10 +365,13 @@ class TemplateRenderer:
         *,
         variant: str | None = None,
         size: tuple[int, int] | None = None,
+        references: Sequence[Reference] = (),
     ) -> None:
-        """Build (or find) the shared segments of a template for a locale."""
+        """Build (or find) the shared segments of a template for a locale (generating its
+        video plates, conditioned on the brief's style reference)."""
         lt = self.template(template)
-        self.shared(lt, locale, self._variant(lt.template, variant, size))
+        style = self.videos.style_image(references) if self.videos is not None else None
+        self.shared(lt, locale, self._variant(lt.template, variant, size), style=style)
 
     def __call__(self, req: RenderRequested, out_dir: Path, photo: Path | None) -> RenderedClip:
         """The `Renderer` port: render one clip for the render step."""
@@ -365,6 +386,9 @@ class TemplateRenderer:
             captions_path=r.captions_path,
             template=r.template,
             generator=self.generator.model_id,
+            generation=r.generation or None,
+            drawn_texts=r.drawn_texts,
+            merge_values=dict(r.merge_values),
         )
 
     def render(
@@ -397,12 +421,14 @@ class TemplateRenderer:
             if merge_fields_in(text):
                 find_font_face(substitute(text, values).replace("\n", ""), locale, extra_dirs=self.font_dirs)
         t0 = time.perf_counter()
-        seg = self.shared(lt, locale, var)
+        style = self.videos.style_image(req.references) if self.videos is not None else None
+        seg = self.shared(lt, locale, var, style=style)
         timings["shared"] = time.perf_counter() - t0
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = stem or str(req.job_id)
         name = req.recipient.name
+        drawn: list[tuple[str, str]] = []
 
         with tempfile.TemporaryDirectory(prefix=".render-", dir=out_dir) as tmp_s:
             tmp = Path(tmp_s)
@@ -438,8 +464,9 @@ class TemplateRenderer:
             with ThreadPoolExecutor(max_workers=2) as pool:
                 audio_job = pool.submit(soundtrack)
                 t0 = time.perf_counter()
+                animate = may_animate(req.recipient.subjects)
                 stills, name_box, photo_box, poster_t = self._personal_stills(
-                    lt, locale, var, name, photo, cues
+                    lt, locale, var, name, photo, cues, drawn=drawn, animate=animate
                 )
                 timings["draw"] = time.perf_counter() - t0
                 poster_job = pool.submit(write_poster, seg, stills, poster_t, poster_tmp)
@@ -460,8 +487,10 @@ class TemplateRenderer:
             poster = out_dir / f"{stem}.jpg"
             os.replace(poster_tmp, poster)
             timings["join"] = time.perf_counter() - t0
+        generation = self._generation_record(lt, req, style, stills)
         captions = write_vtt(out_dir / f"{stem}.vtt", cues) if cues else None
         timings["total"] = time.perf_counter() - t_all
+        observe_phases(timings)
         return RenderResult(
             video_path=video,
             poster_path=poster,
@@ -480,6 +509,9 @@ class TemplateRenderer:
             true_peak_db=mixed.true_peak_db,
             timings=timings,
             segments_key=seg.key,
+            generation=generation,
+            drawn_texts=tuple(drawn),
+            merge_values=merge_values(name),
         )
 
     # ------------------------------------------------------------------ shared segments
@@ -487,7 +519,9 @@ class TemplateRenderer:
     def _variant(self, t: Template, variant: str | None, size: tuple[int, int] | None) -> Variant:
         return resolve_variant(t, variant or self.variant, size or self.size, self.fps)
 
-    def segments_key(self, lt: LoadedTemplate, locale: Locale, var: Variant) -> str:
+    def segments_key(
+        self, lt: LoadedTemplate, locale: Locale, var: Variant, *, style: bytes | None = None
+    ) -> str:
         """Content hash of everything the shared segments depend on."""
         payload = {
             "engine": ENGINE_VERSION,
@@ -497,14 +531,23 @@ class TemplateRenderer:
             "generator": self.generator.model_id,
             "x264": x264_args(var.fps),
             "fonts": [str(d) for d in self.font_dirs],
+            "video_plates": [
+                self.videos.key(self.videos.request(src, image=style)) for src in _video_sources(lt.template)
+            ]
+            if self.videos is not None
+            else [],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
-    def shared(self, lt: LoadedTemplate, locale: Locale, var: Variant) -> SharedSegments:
+    def shared(
+        self, lt: LoadedTemplate, locale: Locale, var: Variant, *, style: bytes | None = None
+    ) -> SharedSegments:
+        """The shared segments; `style`: the style reference image that conditions a
+        generated_video background (its first frame)."""
         t = lt.template
         if locale not in t.strings:
             raise TemplateError(f"template {t.name} has no {locale.value} strings")
-        key = self.segments_key(lt, locale, var)
+        key = self.segments_key(lt, locale, var, style=style)
         root = self.cache_dir / "segments"
         final = root / key
         n = _frames(t.duration_s, var.fps)
@@ -513,14 +556,17 @@ class TemplateRenderer:
         )
         if (final / "meta.json").is_file():
             os.utime(final / "meta.json")
+            metrics.SEGMENT_CACHE.labels(result="hit").inc()
             return seg
         with _file_lock(root / f"{key}.lock"):
             if (final / "meta.json").is_file():
+                metrics.SEGMENT_CACHE.labels(result="hit").inc()
                 return seg
+            metrics.SEGMENT_CACHE.labels(result="miss").inc()
             started = time.perf_counter()
             work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
             try:
-                self._build_shared(lt, locale, var, seg, work)
+                self._build_shared(lt, locale, var, seg, work, style=style)
                 (work / "meta.json").write_text(
                     json.dumps(
                         {
@@ -541,6 +587,7 @@ class TemplateRenderer:
                 os.replace(work, final)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
+            metrics.RENDER_PHASE_SECONDS.labels(phase="generate").observe(time.perf_counter() - started)
             log.info(
                 "shared segments %s (%s %s %s) built in %.1fs",
                 key,
@@ -592,7 +639,50 @@ class TemplateRenderer:
         with Image.open(lt.asset(src.path)) as im:
             return _scrim(cover(im.convert("RGB"), w, h))
 
-    def _shared_stills(self, lt: LoadedTemplate, locale: Locale, var: Variant) -> tuple[Still, list[Still]]:
+    def _generation_record(
+        self, lt: LoadedTemplate, req: RenderRequested, style: bytes | None, stills: Sequence[Still]
+    ) -> dict[str, object]:
+        """What the provenance records: every generated plate (model fingerprint and every
+        parameter), the still generator, and the brief's reference assets."""
+        plates: list[dict[str, object]] = []
+        if self.videos is not None:
+            for src in _video_sources(lt.template):
+                vreq = self.videos.request(src, image=style)
+                gen = self.videos.generator_for(vreq)
+                plates.append(
+                    {"role": "background", "key": plate_key(gen.model_id, vreq), "model": gen.model_id,
+                     "params": vreq.key_payload()}
+                )  # fmt: skip
+        for st in stills:
+            plate = st.meta.get("plate")
+            if isinstance(plate, Plate):
+                plates.append(
+                    {"role": "living_photo", "key": plate.key, "model": plate.meta.get("model"),
+                     "params": plate.meta.get("params")}
+                )  # fmt: skip
+        bg = lt.template.layers[0]
+        uses_still = isinstance(bg, BackgroundLayer) and isinstance(bg.source, GeneratedSource)
+        out: dict[str, object] = {
+            "template": f"{lt.template.name}@{lt.template.version}",
+            "plates": plates,
+            "references": [r.model_dump(mode="json") for r in req.references],
+        }
+        if uses_still:
+            out["still_generator"] = self.generator.model_id
+        return out
+
+    def _video_plate(self, lt: LoadedTemplate, src: GeneratedVideoSource, style: bytes | None) -> Plate:
+        if self.videos is None:
+            raise TemplateError(
+                f"template {lt.template.name} has a generated_video background, but this worker has "
+                "no video model (set GREETFLOW_VIDEO_MODEL_DIR)"
+            )
+        req = self.videos.request(src, image=style)
+        return self.videos.plate(req, {"template": f"{lt.template.name}@{lt.template.version}"})
+
+    def _shared_stills(
+        self, lt: LoadedTemplate, locale: Locale, var: Variant, *, style: bytes | None = None
+    ) -> tuple[Still, list[Still]]:
         t = lt.template
         w, h = var.width, var.height
         sc = size_scale(w, h)
@@ -605,7 +695,11 @@ class TemplateRenderer:
             if t.is_personal(layer):
                 continue
             end = t.layer_end(layer)
-            if isinstance(layer, BackgroundLayer):
+            if isinstance(layer, BackgroundLayer) and isinstance(layer.source, GeneratedVideoSource):
+                plate = self._video_plate(lt, layer.source, style)
+                first = Image.fromarray(decode_plate(plate)[0])
+                base = Still(layer.id, np.asarray(cover(first, w, h)), 0, 0, meta={"plate": plate})
+            elif isinstance(layer, BackgroundLayer):
                 drift = layer.drift * sc
                 extra = math.ceil(drift * d) + 2
                 img = self._background_image(lt, layer, w, h + extra)
@@ -738,24 +832,42 @@ class TemplateRenderer:
         )
 
     def _build_shared(
-        self, lt: LoadedTemplate, locale: Locale, var: Variant, seg: SharedSegments, work: Path
+        self,
+        lt: LoadedTemplate,
+        locale: Locale,
+        var: Variant,
+        seg: SharedSegments,
+        work: Path,
+        *,
+        style: bytes | None = None,
     ) -> None:
         t = lt.template
-        base, stills = self._shared_stills(lt, locale, var)
+        base, stills = self._shared_stills(lt, locale, var, style=style)
         fps, w, h = var.fps, var.width, var.height
         inputs: list[str] = []
-        bg_h = base.image.shape[0]
-        inputs += raw_input_args(write_raw_frame(work / "bg.rgb", base.image), w, bg_h, "rgb24", fps)
+        plate = base.meta.get("plate")
+        bg_src = t.layers[0].source if isinstance(t.layers[0], BackgroundLayer) else None
+        if isinstance(plate, Plate) and isinstance(bg_src, GeneratedVideoSource):
+            cycle = cycle_frames(decode_plate(plate), bg_src.fill)
+            ch, cw = cycle.shape[1:3]
+            (work / "bg.rgb").write_bytes(np.ascontiguousarray(cycle).tobytes())
+            inputs += raw_input_args(work / "bg.rgb", cw, ch, "rgb24", plate.fps)
+            fill = fill_filter(bg_src.fill, len(cycle), plate.fps, fps, w, h, seg.n_frames)
+            base_line = f"[0:v]{fill},scale=out_color_matrix=bt709:out_range=tv,format=yuv420p[base]"
+        else:
+            bg_h = base.image.shape[0]
+            inputs += raw_input_args(write_raw_frame(work / "bg.rgb", base.image), w, bg_h, "rgb24", fps)
+            crop_y = base.y_expr.replace("T", "t") if base.y_expr else "0"
+            base_line = (
+                f"[0:v]scale=out_color_matrix=bt709:out_range=tv,format=yuv420p,loop=loop=-1:size=1:start=0,"
+                f"setpts=N/({fps}*TB),crop=w={w}:h={h}:x=0:y='{crop_y}',trim=end_frame={seg.n_frames}[base]"
+            )
         for k, s in enumerate(stills):
             ih, iw = s.image.shape[:2]
             inputs += raw_input_args(
                 write_raw_frame(work / f"s{k}.raw", s.image), iw, ih, "rgba" if s.alpha else "rgb24", fps
             )
-        crop_y = base.y_expr.replace("T", "t") if base.y_expr else "0"
-        lines = [
-            f"[0:v]scale=out_color_matrix=bt709:out_range=tv,format=yuv420p,loop=loop=-1:size=1:start=0,"
-            f"setpts=N/({fps}*TB),crop=w={w}:h={h}:x=0:y='{crop_y}',trim=end_frame={seg.n_frames}[base]"
-        ]
+        lines = [base_line]
         chain, out = overlay_chain("base", stills, 1, fps, 0.0, t.duration_s)
         lines += chain
         parts = []
@@ -805,6 +917,15 @@ class TemplateRenderer:
             bed = audio_mod.bed_with_effects(t.audio, t.duration_s, music=music)
         else:
             bed = audio_mod.bed_with_effects(t.audio, t.duration_s)
+        if (
+            isinstance(plate, Plate)
+            and isinstance(bg_src, GeneratedVideoSource)
+            and bg_src.ambience_gain_db is not None
+            and plate.audio is not None
+        ):
+            # the model's own sound (LTX-2) under the music, looped to the clip's length
+            amb = _load_music_file(plate.audio, t.duration_s, loop=True)
+            bed = bed + amb * 10 ** (bg_src.ambience_gain_db / 20)
         np.save(work / "bed.npy", bed.astype(np.float32))
 
     # ------------------------------------------------------------------ per recipient
@@ -819,17 +940,12 @@ class TemplateRenderer:
         pieces = speech_parts(text, locale, name)
         parts = [p for p, _ in pieces]
         shown = [s for _, s in pieces]
-        room = v.end - v.start
-        speech = self.tts.speak(parts, rate=1.0)
-        if speech.duration_s > room:
-            rate = min(v.max_rate, speech.duration_s / room * 1.04)
-            speech = self.tts.speak(parts, rate=rate)
-            if speech.duration_s > room:
-                raise PermanentError(
-                    f"the voice line {substitute(text, merge_values(name))!r} takes "
-                    f"{speech.duration_s:.2f} s "
-                    f"even at {rate:.2f}x; template {t.name} leaves {room:.2f} s"
-                )
+        try:
+            speech = fit_voice(self.tts, parts, room_s=v.end - v.start, max_rate=v.max_rate)
+        except VoiceDoesNotFit as exc:
+            raise PermanentError(
+                f"the voice line {substitute(text, merge_values(name))!r} {exc} (template {t.name})"
+            ) from exc
         has_captions = any(isinstance(la, CaptionsLayer) for la in t.layers)
         cues = make_cues(shown, speech.spans, v.start, seg.p1 - 0.05) if has_captions else []
         return speech, cues
@@ -842,7 +958,11 @@ class TemplateRenderer:
         name: str,
         photo: Path | None,
         cues: list[Cue],
+        *,
+        drawn: list[tuple[str, str]] | None = None,
+        animate: bool = False,
     ) -> tuple[list[Still], tuple[int, int, int, int] | None, tuple[int, int, int, int] | None, float]:
+        """The per-recipient stills; `drawn` gets (layer id, text) of every text drawn."""
         t = lt.template
         w, h = var.width, var.height
         sc = size_scale(w, h)
@@ -859,6 +979,8 @@ class TemplateRenderer:
             end = t.layer_end(layer)
             if isinstance(layer, TextLayer):
                 text = substitute(localized(t, locale, layer.text), values)
+                if drawn is not None:
+                    drawn.append((layer.id, text))
                 fbox = layer.box
                 if photo is None and has_photo_layer and layer.box_without_photo is not None:
                     fbox = layer.box_without_photo
@@ -870,6 +992,7 @@ class TemplateRenderer:
                     sc,
                     font_dirs=self.font_dirs,
                     ornament=layer.ornament,
+                    overflow=layer.overflow,
                 )
                 stills.append(
                     self._text_motion(layer, np.asarray(dt.image), dt.x, dt.y, end, t.duration_s, sc)
@@ -877,6 +1000,11 @@ class TemplateRenderer:
                 if name_box is None:
                     name_box = (dt.ink.x0, dt.ink.y0, dt.ink.x1, dt.ink.y1)
                 ready = max(ready, layer.start + max(layer.fade_s, SLIDE_S if layer.animate != "fade" else 0))
+            elif isinstance(layer, LivingPhotoLayer) and photo is not None and animate:
+                live = self._living_photo(lt, layer, photo, box_px(area, layer.box), sc, var.fps, end)
+                stills.append(live)
+                photo_box = (live.x, live.y, live.x + live.image.shape[1], live.y + live.image.shape[0])
+                ready = max(ready, layer.start + layer.fade_s)
             elif isinstance(layer, PhotoLayer):
                 if photo is None:
                     continue
@@ -910,6 +1038,8 @@ class TemplateRenderer:
             elif isinstance(layer, CaptionsLayer):
                 cbox = box_px(area, layer.box)
                 for k, cue in enumerate(cues):
+                    if drawn is not None:
+                        drawn.append((f"{layer.id}-{k}", cue.text))
                     dt = draw_text(
                         cue.text, locale, cbox, layer.style, sc, font_dirs=self.font_dirs, pill=True
                     )
@@ -927,6 +1057,76 @@ class TemplateRenderer:
                     )
         poster_t = min(t.personal.end - 0.1, ready + 0.3)
         return stills, name_box, photo_box, poster_t
+
+    def _living_photo(
+        self,
+        lt: LoadedTemplate,
+        layer: LivingPhotoLayer,
+        photo: Path,
+        box: PixelBox,
+        sc: float,
+        fps: int,
+        end: float,
+    ) -> Still:
+        """The recipient's photo animated by the image-to-video model, framed like the still
+        photo, as raw RGBA frames (one per output frame of the layer)."""
+        if self.videos is None:
+            raise TemplateError(
+                f"template {lt.template.name} animates the photo, but this worker has no "
+                "image-to-video model (set GREETFLOW_VIDEO_I2V_MODEL_DIR)"
+            )
+        crop = face_crop(load_photo(photo))
+        side = min(self.videos.defaults.width, self.videos.defaults.height)
+        crop = crop.resize((side, side), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        crop.save(buf, format="PNG")
+        req = self.videos.request(layer, image=buf.getvalue(), size=(side, side))
+        plate = self.videos.plate(req, {"kind": "living_photo", "layer": layer.id})
+        n_out = max(1, _frames(end - layer.start, fps))
+        placement = [box.x0, box.y0, box.width, box.height]
+        spec = json.dumps([plate.key, placement, layer.shape, layer.frame, sc, fps, n_out, layer.fill])
+        tag = hashlib.sha256(spec.encode()).hexdigest()[:24]
+        root = self.cache_dir / "living"
+        path = root / f"{tag}.rgba"
+        first_p = root / f"{tag}.json"
+        if not (path.is_file() and first_p.is_file()):
+            cycle = cycle_frames(decode_plate(plate), layer.fill)
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / f".{tag}.{os.getpid()}.tmp"
+            x = y = 0
+            size: tuple[int, int] = (0, 0)
+            with open(tmp, "wb") as f:
+                for k in range(n_out):
+                    i = k * plate.fps // fps
+                    i = min(i, len(cycle) - 1) if layer.fill == "hold" else i % len(cycle)
+                    img, x, y = framed_photo(
+                        Image.fromarray(cycle[i]),
+                        box,
+                        shape=layer.shape,
+                        frame=layer.frame,
+                        scale=sc,
+                        find_face=False,
+                    )
+                    size = img.size
+                    f.write(img.tobytes())
+            first_p.write_text(json.dumps({"x": x, "y": y, "w": size[0], "h": size[1]}), encoding="utf-8")
+            os.replace(tmp, path)
+        info = json.loads(first_p.read_text(encoding="utf-8"))
+        w, h = int(info["w"]), int(info["h"])
+        with open(path, "rb") as f:
+            first = np.frombuffer(f.read(w * h * 4), np.uint8).reshape(h, w, 4)
+        return Still(
+            layer.id,
+            first.copy(),
+            int(info["x"]),
+            int(info["y"]),
+            layer.start,
+            end,
+            layer.fade_s,
+            layer.fade_s if end < lt.template.duration_s else 0.0,
+            video=path,
+            meta={"plate": plate},
+        )
 
     def _encode_personal(
         self,
@@ -948,7 +1148,7 @@ class TemplateRenderer:
             for k, s in enumerate(stills):
                 ih, iw = s.image.shape[:2]
                 inputs += raw_input_args(
-                    write_raw_frame(Path(d) / f"p{k}.raw", s.image),
+                    s.video if s.video is not None else write_raw_frame(Path(d) / f"p{k}.raw", s.image),
                     iw,
                     ih,
                     "rgba" if s.alpha else "rgb24",
@@ -1014,6 +1214,28 @@ class TemplateRenderer:
         )
 
 
+def observe_phases(timings: dict[str, float]) -> None:
+    """greetflow_render_phase_seconds of one render: drawing the personal stills, encoding
+    and joining the video, speech and the soundtrack mix. (`generate` is observed when the
+    shared segments are built, `upload` by the render step.)"""
+    phases = {
+        "draw": timings.get("draw"),
+        "encode": timings.get("encode_personal", 0.0) + timings.get("join", 0.0),
+        "mix": timings.get("tts", 0.0) + timings.get("audio", 0.0),
+    }
+    for phase, seconds in phases.items():
+        if seconds is not None:
+            metrics.RENDER_PHASE_SECONDS.labels(phase=phase).observe(seconds)
+
+
+def _video_sources(t: Template) -> list[GeneratedVideoSource]:
+    return [
+        la.source
+        for la in t.layers
+        if isinstance(la, BackgroundLayer) and isinstance(la.source, GeneratedVideoSource)
+    ]
+
+
 def _linear(a: float, b: float, hi: float = math.inf) -> Callable[[float], float]:
     def f(t: float) -> float:
         return min(hi, a + b * t)
@@ -1055,8 +1277,15 @@ def renderer_from_settings(settings: Settings) -> TemplateRenderer:
         cache_dir=cache / "generated",
     )
     variant = settings.render_variant or None
+    videos = None
+    if settings.video_model_dir is not None or settings.video_i2v_model_dir is not None:
+        from pipeline.adapters.storage import ObjectStore
+        from pipeline.render.video import video_plates_from_settings
+
+        videos = video_plates_from_settings(settings, ObjectStore(settings), cache / "plates")
     return TemplateRenderer(
         cache,
+        videos=videos,
         generator=generator,
         tts=make_tts(settings.tts_backend, sample_rate=SAMPLE_RATE),
         templates_dir=settings.templates_dir,
@@ -1084,12 +1313,14 @@ def _scrim(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
-def _load_music_file(path: Path, duration_s: float) -> np.ndarray:
+def _load_music_file(path: Path, duration_s: float, *, loop: bool = False) -> np.ndarray:
     proc = run_ffmpeg(
         ["-i", path, "-vn", "-ac", "2", "-ar", str(SAMPLE_RATE), "-f", "f32le", "-"], timeout=120
     )
     x = np.frombuffer(proc.stdout, "<f4").reshape(-1, 2).astype(np.float64)
     n = round(duration_s * SAMPLE_RATE)
+    if loop and 0 < x.shape[0] < n:
+        x = np.tile(x, (math.ceil(n / x.shape[0]), 1))
     if x.shape[0] < n:
         x = np.pad(x, ((0, n - x.shape[0]), (0, 0)))
     x = x[:n].copy()

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+from pipeline import metrics
 from pipeline.adapters.storage import ObjectStore
 from pipeline.errors import PermanentError
-from pipeline.keys import captions_key, clip_key, poster_key
-from pipeline.ports import EventPublisher, Renderer
-from pipeline.repositories import JobRepository
+from pipeline.keys import captions_key, clip_key, drawn_texts_key, generation_key, poster_key
+from pipeline.ports import EventPublisher, RenderedClip, Renderer
+from pipeline.repositories import JobRecord, JobRepository
 from pipeline.settings import Settings
 from pipeline.steps import claim_step, event_id
 from pipeline.topics import RENDER_RESULTS
-from schemas.events import ClipRendered, Envelope, RenderRequested
+from pipeline.trust import ProducerKeys, check_request_matches_row
+from schemas.events import ClipRendered, DrawnText, DrawnTexts, Envelope, RenderRequested
 from schemas.jobs import JobState
 
 log = logging.getLogger(__name__)
@@ -33,10 +38,15 @@ class RenderService:
         events: EventPublisher,
         renderer: Renderer,
         *,
+        producers: ProducerKeys,
         owner: str,
         lease_s: float = 30.0,
+        screen_photo: Callable[[RenderRequested, Path], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.producers = producers
+        # Fails the job before drawing when its photo shows a protected person (PhotoScreen).
+        self.screen_photo = screen_photo
         self.jobs = jobs
         self.store = store
         self.events = events
@@ -45,11 +55,8 @@ class RenderService:
         self.lease_s = lease_s
 
     def handle(self, env: Envelope[RenderRequested]) -> None:
-        req = env.payload
-        self.jobs.create_if_absent(req)  # requests may come straight from an app, not a brief
-        job = self.jobs.get(req.job_id)
-        if job is None:
-            raise RuntimeError(f"render {req.job_id}: the job is gone right after it was created")
+        job = self._job_of(env)
+        req = job.request  # the row is the truth: render what intake recorded, not the message
         if job.state in _AFTER_RENDER:
             log.info("render %s: already %s, nothing to do", req.job_id, job.state)
             return
@@ -74,11 +81,30 @@ class RenderService:
         if won:
             self._announce(req, env.trace_id)
 
+    def _job_of(self, env: Envelope[RenderRequested]) -> JobRecord:
+        """The request's job row. A request for a job without a row creates it only when a
+        trusted producer signed it; a request that disagrees with its row is refused
+        (UntrustedMessage: dead-lettered, the job left alone)."""
+        msg = env.payload
+        what = f"render request for job {msg.job_id}"
+        job = self.jobs.get(msg.job_id)
+        if job is None:
+            producer = self.producers.verify(env, what=f"{what} (no such job)")
+            self.jobs.create_if_absent(msg, actor=f"producer:{producer}")
+            job = self.jobs.get(msg.job_id)
+            if job is None:
+                raise RuntimeError(f"render {msg.job_id}: the job is gone right after it was created")
+        check_request_matches_row(msg, job.request)
+        return job
+
     def _render(self, req: RenderRequested) -> tuple[str, str]:
         """Render and upload to staging; the clip's and the poster's keys."""
         work = Path(tempfile.mkdtemp(prefix=f"render-{req.job_id}-", dir=self._work_root()))
         try:
-            clip = self.renderer(req, work, self._fetch_photo(req, work))
+            photo = self._fetch_photo(req, work)
+            if photo is not None and self.screen_photo is not None:
+                self.screen_photo(req, photo)
+            clip = self.renderer(req, work, photo)
             meta = {
                 "sha256": clip.sha256,
                 "duration": f"{clip.duration_s:.3f}",
@@ -89,12 +115,30 @@ class RenderService:
             vkey = clip_key(req.campaign_id, req.recipient.id, req.job_id)
             pkey = poster_key(req.campaign_id, req.recipient.id, req.job_id)
             bucket = self.settings.bucket_staging
+            uploading = time.perf_counter()
             self.store.put_file(bucket, vkey, clip.video_path, content_type="video/mp4", metadata=meta)
             self.store.put_file(bucket, pkey, clip.poster_path, content_type="image/jpeg")
             captions = getattr(clip, "captions_path", None)
             if captions is not None:
                 ckey = captions_key(req.campaign_id, req.recipient.id, req.job_id)
                 self.store.put_file(bucket, ckey, captions, content_type="text/vtt; charset=utf-8")
+            generation = getattr(clip, "generation", None)
+            if generation:
+                self.store.put_bytes(
+                    bucket,
+                    generation_key(req.campaign_id, req.recipient.id, req.job_id),
+                    json.dumps(generation, sort_keys=True).encode(),
+                    content_type="application/json",
+                )
+            texts = drawn_texts_of(req, clip)
+            if texts is not None:
+                self.store.put_bytes(
+                    bucket,
+                    drawn_texts_key(req.campaign_id, req.recipient.id, req.job_id),
+                    texts.model_dump_json().encode(),
+                    content_type="application/json",
+                )
+            metrics.RENDER_PHASE_SECONDS.labels(phase="upload").observe(time.perf_counter() - uploading)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return vkey, pkey
@@ -115,6 +159,19 @@ class RenderService:
         root = self.settings.resolved_render_dir
         root.mkdir(parents=True, exist_ok=True)
         return root
+
+
+def drawn_texts_of(req: RenderRequested, clip: RenderedClip) -> DrawnTexts | None:
+    """The record of what the renderer drew (None when the renderer does not report it)."""
+    if clip.drawn_texts is None:
+        return None
+    return DrawnTexts(
+        job_id=req.job_id,
+        sha256=clip.sha256,
+        template=clip.template or f"{req.template.name}@{req.template.version}",
+        merge_values=dict(clip.merge_values or {}),
+        texts=tuple(DrawnText(layer=layer, text=text) for layer, text in clip.drawn_texts),
+    )
 
 
 def rendered_event(store: ObjectStore, bucket: str, req: RenderRequested) -> ClipRendered:

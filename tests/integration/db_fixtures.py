@@ -78,6 +78,8 @@ def postgres_database(url: str | None = None) -> Iterator[Database]:
         finally:
             database.dispose()
             with admin.begin() as conn:
+                # A connection the test left open holds locks: fail in seconds, not hang.
+                conn.execute(text("SET LOCAL lock_timeout = '30s'"))
                 conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
     finally:
         admin.dispose()

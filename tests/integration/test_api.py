@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from pipeline.bootstrap import Container
 from pipeline.dev.stack import DevStack
 from pipeline.settings import Settings
 from schemas.jobs import JobState
+from tests.integration.db_fixtures import scratch_postgres_database
 from tests.integration.pipeline_fixtures import run_workers, stack_settings
 
 pytestmark = pytest.mark.integration
@@ -58,9 +60,20 @@ class Api:
         return {"Authorization": f"Bearer {token}"}
 
 
-@pytest.fixture
-def api(tmp_path: Any) -> Iterator[Api]:
-    settings: Settings = stack_settings(tmp_path / "data").model_copy(
+@pytest.fixture(params=["sqlite"])
+def api(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Api]:
+    """The API on the real stack; on SQLite, or (parametrized indirectly) on PostgreSQL."""
+    with ExitStack() as stack:
+        database_url = ""
+        if request.param == "postgresql":
+            engine = stack.enter_context(scratch_postgres_database())
+            database_url = engine.url.render_as_string(hide_password=False)
+        yield stack.enter_context(_serve(tmp_path, database_url))
+
+
+@contextmanager
+def _serve(tmp_path: Any, database_url: str) -> Iterator[Api]:
+    settings: Settings = stack_settings(tmp_path / "data", database_url).model_copy(
         update={"api_upload_max_bytes": 2 * 2**20, "api_upload_max_pixels": 4_000_000}
     )
     with DevStack(settings, log=lambda _m: None):
@@ -148,6 +161,7 @@ def test_render_over_http_is_published_once_per_idempotency_key(api: Api) -> Non
     assert httpx.get(doc["url"], timeout=10).content[4:8] == b"ftyp"  # the clip itself
 
 
+@pytest.mark.parametrize("api", ["sqlite", "postgresql"], indirect=True)
 def test_keys_scopes_tenants_rate_limit_and_problems(api: Api) -> None:
     a, b = api.key("tenant-a"), api.key("tenant-b")
     resp = api.http.post("/v1/renders", json=_render_body(), headers=a)
@@ -295,9 +309,8 @@ def test_campaigns_and_consent_over_http(api: Api) -> None:
 def test_key_and_idempotency_repositories_on_postgres(postgres_db: Any) -> None:
     keys = ApiKeyRepository(postgres_db)
     key, token = keys.create(name="n", tenant="t", scopes=frozenset({"jobs:read"}))
-    row_hashes = [
-        r[0] for r in postgres_db.engine.connect().exec_driver_sql("SELECT key_hash FROM api_keys").fetchall()
-    ]
+    with postgres_db.engine.connect() as conn:  # closed: an open one would block the schema's drop
+        row_hashes = [r[0] for r in conn.exec_driver_sql("SELECT key_hash FROM api_keys").fetchall()]
     assert row_hashes == [hash_token(token)] and token not in str(row_hashes)
     found = keys.by_token(token)
     assert found is not None and found.key_id == key.key_id and found.scopes == frozenset({"jobs:read"})

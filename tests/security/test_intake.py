@@ -48,24 +48,44 @@ class Run:
     max_rss_mb: float
 
 
+# Runs argv[2:] and writes its exit code and rusage to argv[1]. A child's ru_maxrss counts
+# the memory of the process it was spawned from (Linux records the pre-exec address space
+# at exec), and this test process is gigabytes into a full run; spawned from this small
+# launcher instead, the command's peak is its own.
+LAUNCHER = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"rc": os.waitstatus_to_exitcode(status), "cpu_s": usage.ru_utime + usage.ru_stime,
+               "max_rss_kb": usage.ru_maxrss}, f)
+"""
+
+
 def run_cli(settings: Settings, *args: str, cwd: Path) -> Run:
-    """`greetflow ARGS` as a child process; its own peak RSS comes from wait4."""
-    out, err = cwd / "stdout.txt", cwd / "stderr.txt"
+    """`greetflow ARGS` as a child process, with its own CPU time and peak RSS (wait4)."""
+    out, err, usage = cwd / "stdout.txt", cwd / "stderr.txt", cwd / "usage.json"
     with out.open("wb") as fo, err.open("wb") as fe:
         t0 = time.monotonic()
-        proc = subprocess.Popen([*GREETFLOW, *args], cwd=cwd, stdout=fo, stderr=fe, env=worker_env(settings))
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            proc.returncode = 0  # reaped above; keep Popen from waiting again
+        subprocess.run(
+            [sys.executable, "-c", LAUNCHER, str(usage), *GREETFLOW, *args],
+            cwd=cwd,
+            stdout=fo,
+            stderr=fe,
+            env=worker_env(settings),
+            check=True,
+        )
         wall = time.monotonic() - t0
+    measured = json.loads(usage.read_text())
     return Run(
-        rc=os.waitstatus_to_exitcode(status),
+        rc=measured["rc"],
         stdout=out.read_text("utf-8", "replace"),
         stderr=err.read_text("utf-8", "replace"),
         wall_s=wall,
-        cpu_s=usage.ru_utime + usage.ru_stime,
-        max_rss_mb=usage.ru_maxrss / 1024,
+        cpu_s=measured["cpu_s"],
+        max_rss_mb=measured["max_rss_kb"] / 1024,
     )
 
 

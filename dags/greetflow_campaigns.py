@@ -12,7 +12,6 @@ task per chunk) -> wait_for_jobs (reschedule-mode sensor) -> write_report -> che
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterator
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-import yaml
 from airflow.sdk import (
     DAG,
     CronTriggerTimetable,
@@ -35,6 +33,7 @@ from airflow.sdk import (
 )
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipeline.briefs import DocumentError, load_document, one_line
 from pipeline.settings import Settings
 from schemas.brief import Schedule, TemplateRef
 from schemas.common import DisplayText, Slug
@@ -59,10 +58,10 @@ class _Header(BaseModel):
 
 
 def _read(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        return json.loads(text)
-    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    """The brief's data, read with the intake limits (size, UTF-8, depth, no YAML aliases)."""
+    return load_document(
+        path, max_bytes=_settings.intake_max_brief_bytes, max_depth=_settings.intake_max_depth
+    )
 
 
 def _aware(value: datetime | None, tz: ZoneInfo) -> datetime | None:
@@ -244,9 +243,10 @@ def build_all(folder: Path, poll_s: float) -> dict[str, DAG]:
         try:
             header = _Header.model_validate(_read(path))
             _timetable(header.schedule)
-        except (OSError, ValueError, ValidationError, yaml.YAMLError) as exc:
-            log.error("campaign brief %s is invalid: %s", path, exc)
-            built = invalid_brief_dag(f"campaign_invalid_{_safe_id(path.stem)}", path, str(exc))
+        except (DocumentError, OSError, ValueError, ValidationError) as exc:
+            error = one_line(str(exc))
+            log.error("campaign brief %s is invalid: %s", path, error)
+            built = invalid_brief_dag(f"campaign_invalid_{_safe_id(path.stem)}", path, error)
         else:
             built = campaign_dag(path, header, poll_s)
         if built.dag_id in dags:

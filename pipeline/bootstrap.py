@@ -14,17 +14,21 @@ from functools import cached_property
 from typing import Any, Protocol
 
 from pipeline.adapters.airflow import airflow_settings
-from pipeline.adapters.db import Database
+from pipeline.adapters.db import Database, MigrationOutcome
 from pipeline.adapters.kafka import ConsumerWorker, EventBus
 from pipeline.adapters.storage import ObjectStore
+from pipeline.audience import check_source, iter_audience
 from pipeline.campaign_runs import CampaignRunService
 from pipeline.campaigns import CampaignService
 from pipeline.consent.expiry import ExpiryReport, expire_consents
 from pipeline.consent.service import ConsentService
 from pipeline.faces import FaceEngine, face_engine
-from pipeline.moderation.gallery import GalleryService
+from pipeline.metrics import Readiness, Telemetry
+from pipeline.moderation.gallery import GalleryService, PhotoScreen
 from pipeline.moderation.service import ModerationService
+from pipeline.observability import build_telemetry, readiness_for
 from pipeline.ports import Renderer
+from pipeline.progress import ProgressService
 from pipeline.provenance import SigningMaterial, signing_material
 from pipeline.publish import PublishService, TakedownService
 from pipeline.render.service import RenderService
@@ -40,9 +44,13 @@ from pipeline.repositories import (
 from pipeline.review.repository import ReviewRepository
 from pipeline.review.service import ReviewService
 from pipeline.settings import Settings, get_settings
+from pipeline.stack import StackService
 from pipeline.sweeper import JobSweeper, SweepReport
-from pipeline.workers import worker_spec
-from schemas.brief import TemplateRef
+from pipeline.trust import JobIds, ProducerKeys, UntrustedMessage
+from pipeline.webhooks.repository import WebhookRepository
+from pipeline.webhooks.service import WebhookService
+from pipeline.workers import WEBHOOK_TOPICS, worker_spec
+from schemas.brief import CampaignBrief, Recipient, Reference, TemplateRef
 from schemas.common import Locale
 from schemas.events import Envelope, _Payload
 
@@ -72,13 +80,22 @@ def default_renderer(settings: Settings) -> Renderer:
 class Container:
     settings: Settings = field(default_factory=get_settings)
     migrate: bool = True
+    # What opening the database did about the schema (workers log it); None until then.
+    migration: MigrationOutcome | None = field(default=None, init=False)
 
     @cached_property
     def db(self) -> Database:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = Database(self.settings.resolved_database_url)
         if self.migrate:
-            db.migrate()
+            # Processes starting together either apply the migrations under the migration
+            # lock or wait for the one that does (or, migrate_on_start off, for stack init).
+            if self.settings.migrate_on_start:
+                outcome = db.migrate(lock_timeout_s=self.settings.migration_wait_s)
+            else:
+                outcome = db.wait_for_head(timeout_s=self.settings.migration_wait_s)
+            self.migration = outcome
+            log.debug("database schema: %s", outcome.describe())
         return db
 
     @cached_property
@@ -98,26 +115,55 @@ class Container:
         return ObjectStore(self.settings)
 
     @cached_property
+    def producer_keys(self) -> ProducerKeys:
+        """Trusted producers' keys: this process signs what it publishes with one of them,
+        and the render step verifies requests for jobs without a row against all."""
+        return ProducerKeys.from_settings(self.settings)
+
+    @cached_property
+    def job_ids(self) -> JobIds:
+        """The keyed job ids (a ConfigError in production when GREETFLOW_JOB_ID_KEY is unset)."""
+        return JobIds.from_settings(self.settings)
+
+    @cached_property
     def bus(self) -> EventBus:
-        return EventBus(self.settings)
+        return EventBus(self.settings, sign=self.producer_keys.sign)
 
     @cached_property
     def renderer(self) -> Renderer:
         return default_renderer(self.settings)
 
     def campaigns(self) -> CampaignService:
-        return CampaignService(self.jobs, self.bus)
+        job_ids = self.job_ids  # first: production without the key stops here, before connecting
+        return CampaignService(
+            self.jobs,
+            self.bus,
+            job_ids=job_ids,
+            audience=self.resolve_audience,
+            screen_photos=self.photo_screen().check_recipients,
+            brief_webhooks=self.webhook_service("intake"),
+            screen_references=self.photo_screen().check_references,
+        )
+
+    def resolve_audience(self, brief: CampaignBrief) -> Iterator[list[Recipient]]:
+        """An `audience_key` brief's recipients in chunks (pipeline/audience.py); a missing
+        audience object is refused first."""
+        check_source(brief, self.store, self.settings)
+        return iter_audience(brief, store=self.store, settings=self.settings)
 
     def campaign_run_service(self) -> CampaignRunService:
         return CampaignRunService(self.settings, self.store, self.jobs, self.campaigns(), self.prewarm)
 
-    def prewarm(self, template: TemplateRef, locale: Locale) -> bool:
-        """Render the shared segments of (template, locale) ahead of a campaign, when the
-        renderer offers a `prewarm` hook; False (and nothing done) when it does not."""
+    def prewarm(
+        self, template: TemplateRef, locale: Locale, references: tuple[Reference, ...] = ()
+    ) -> bool:
+        """Render the shared segments of (template, locale) ahead of a campaign (generated
+        video plates included), when the renderer offers a `prewarm` hook; False (and
+        nothing done) when it does not."""
         hook = getattr(self.renderer, "prewarm", None)
         if hook is None:
             return False
-        hook(template, locale)
+        hook(template, locale, references=references)
         return True
 
     def render_service(self, owner: str) -> RenderService:
@@ -127,8 +173,10 @@ class Container:
             self.store,
             self.bus,
             self.renderer,
+            producers=self.producer_keys,
             owner=owner,
             lease_s=self.settings.step_lease_s,
+            screen_photo=self.photo_screen().check_request,
         )
 
     # --- consent, likeness, moderation, provenance, takedown ---
@@ -173,6 +221,10 @@ class Container:
 
     def gallery_service(self) -> GalleryService:
         return GalleryService(self.settings, self.gallery, faces=self.faces)
+
+    def photo_screen(self) -> PhotoScreen:
+        """Subject photos against the protected-persons gallery (intake and render)."""
+        return PhotoScreen(self.settings, self.gallery, self.store, faces=self.faces)
 
     def moderation_service(self, owner: str) -> ModerationService:
         return ModerationService(
@@ -252,6 +304,17 @@ class Container:
         finally:
             sweeper.release()
 
+    def progress_service(self) -> ProgressService:
+        """Campaign progress snapshots (`greetflow campaign status`, `submit --wait`)."""
+        return ProgressService(self.jobs, deadline_s=self.settings.campaign_deadline_s)
+
+    # --- stack init / check (pipeline/stack.py) ---
+
+    def stack_service(self) -> StackService:
+        """`greetflow stack init|check`. Build the container with `migrate=False`: `check`
+        must read the schema as it is, and `init` migrates it itself."""
+        return StackService(self.settings, lambda: self.db)
+
     # --- workers ---
 
     def worker_service(self, role: str) -> Callable[[str], WorkerService]:
@@ -263,8 +326,41 @@ class Container:
             "moderate": self.moderation_service,
             "publish": self.publish_service,
             "takedown": self.takedown_service,
+            "webhook": self.webhook_service,
         }
         return factories[role]
+
+    # --- webhooks (pipeline/webhooks) ---
+
+    @cached_property
+    def webhook_repository(self) -> WebhookRepository:
+        """Opens the database on first use (intake without a webhook_url never needs it)."""
+        return WebhookRepository(lambda: self.db)
+
+    def webhook_service(self, owner: str) -> WebhookService:
+        """Endpoints, events -> deliveries, and the sending loop (`greetflow worker webhook`)."""
+        return WebhookService(self.settings, self.webhook_repository, owner=owner, store=_LazyStore(self))
+
+    def webhook_workers(self, service: WebhookService) -> list[ConsumerWorker[Any]]:
+        """The webhook role's consumers (clips.published, clips.taken_down), all handled by `service`."""
+        workers: list[ConsumerWorker[Any]] = []
+        for spec in WEBHOOK_TOPICS:
+            name = worker_name(f"{spec.role}-{spec.topic}")
+            workers.append(
+                ConsumerWorker(
+                    self.settings,
+                    name=name,
+                    topic=spec.topic,
+                    group_id=spec.group_id,
+                    payload_type=spec.payload_type,
+                    handler=service.handle,
+                    bus=self.bus,
+                    max_poll_records=spec.max_poll_records,
+                    spill=self.store,
+                    step=spec.role,
+                )
+            )
+        return workers
 
     def worker(self, role: str) -> ConsumerWorker[Any]:
         """The consumer-group worker of `role` (pipeline/workers.py), its service, the
@@ -282,10 +378,33 @@ class Container:
             on_dead_letter=self.fail_job_on_dead_letter,
             max_poll_records=spec.max_poll_records,
             spill=self.store,
+            step=role,
         )
 
+    def telemetry(self, role: str, worker: ConsumerWorker[Any] | None = None) -> Telemetry:
+        """The metrics endpoints, readiness probes and trace export of a `role` process
+        (pipeline/observability.py); `worker`: its consumer, for lag and readiness."""
+        spec = worker_spec(role) if worker is not None else None
+        return build_telemetry(
+            self.settings,
+            role=role,
+            db=lambda: self.db,
+            jobs=lambda: self.jobs,
+            consumer=(spec.group_id, spec.topic) if spec is not None else None,
+            consumer_ready=(lambda: worker.is_ready) if worker is not None else None,
+            consumer_live=(lambda: worker.is_live) if worker is not None else None,
+        )
+
+    def review_readiness(self) -> Readiness:
+        """The review app's /readyz probes: database, object store, broker (not started)."""
+        return readiness_for(self.settings, lambda: self.db)
+
     def fail_job_on_dead_letter(self, env: Envelope[Any] | None, exc: BaseException) -> None:
-        """A dead-lettered message fails its job (with the reason), so nobody waits forever."""
+        """A dead-lettered message fails its job (with the reason), so nobody waits forever;
+        except a message refused for disagreeing with its row or lacking a trusted
+        producer's signature: that is a forged or stray message, and its job is not its."""
+        if isinstance(exc, UntrustedMessage):
+            return
         job_id = getattr(env.payload, "job_id", None) if env is not None else None
         if job_id is not None:
             self.jobs.fail(job_id, f"{type(exc).__name__}: {exc}"[:2000], actor="dlq")
@@ -329,3 +448,13 @@ class _LazyEvents:
         event_id: uuid.UUID | None = None,
     ) -> Any:
         return self._container.bus.publish(topic, payload, key=key, trace_id=trace_id, event_id=event_id)
+
+
+class _LazyStore:
+    """The container's object store, connected on the first dead letter."""
+
+    def __init__(self, container: Container) -> None:
+        self._container = container
+
+    def put_bytes(self, bucket: str, key: str, data: bytes, *, content_type: str) -> None:
+        self._container.store.put_bytes(bucket, key, data, content_type=content_type)

@@ -31,17 +31,18 @@ from typing import Any
 from pipeline.adapters.storage import ObjectStore, validate_key
 from pipeline.audience import check_source, iter_audience
 from pipeline.campaigns import BriefError, CampaignService, check_template_fields, load_brief, parse_brief
-from pipeline.reports import CampaignReport, WrittenReport, build_report, write_report
+from pipeline.reports import CampaignReport, WrittenReport, build_report, write_chart, write_report
 from pipeline.repositories import JobRepository
 from pipeline.settings import Settings
-from schemas.brief import CampaignBrief, Recipient, TemplateRef
-from schemas.common import GREETFLOW_NAMESPACE, Locale, job_id_for, utcnow
+from schemas.brief import CampaignBrief, Recipient, Reference, TemplateRef
+from schemas.common import GREETFLOW_NAMESPACE, Locale, utcnow
 from schemas.jobs import FINAL_STATES, WAITING_FOR_HUMAN, JobState
 
 log = logging.getLogger(__name__)
 
 RUNS_PREFIX = "campaign-runs"
-Prewarm = Callable[[TemplateRef, Locale], bool]
+# (template, locale, the brief's reference assets) -> whether the renderer prewarmed
+Prewarm = Callable[[TemplateRef, Locale, tuple[Reference, ...]], bool]
 
 
 def run_key_for(run_id: str) -> str:
@@ -168,7 +169,7 @@ class CampaignRunService:
         now: datetime | None = None,
     ) -> RunInfo:
         """Validate the brief file and its audience source; snapshot the brief for the run."""
-        brief = load_brief(brief_path)
+        brief = load_brief(brief_path, self.settings)
         if expect_campaign_id is not None and brief.campaign_id != expect_campaign_id:
             raise BriefError(
                 f"{brief_path} now names campaign {brief.campaign_id!r}, not {expect_campaign_id!r}; "
@@ -176,6 +177,15 @@ class CampaignRunService:
             )
         check_template_fields(brief, list(brief.recipients))  # the template exists and fits
         src = check_source(brief, self.store, self.settings)
+        if self.campaigns.register_webhook(brief) is not None:
+            # A task log is no place for a secret: the operator prints (rotates) it.
+            log.warning(
+                "campaign %s: webhook endpoint %s registered; print its signing secret with "
+                "`greetflow webhook secret %s`",
+                brief.campaign_id,
+                brief.webhook_url,
+                brief.campaign_id,
+            )
         now = now or utcnow()
         run = RunInfo(
             campaign_id=brief.campaign_id,
@@ -200,7 +210,7 @@ class CampaignRunService:
 
     def brief(self, run: RunInfo) -> CampaignBrief:
         data = json.loads(self.store.get_bytes(self.bucket, run.brief_key))
-        return parse_brief(data, source=f"run snapshot {run.brief_key}")
+        return parse_brief(data, source=f"run snapshot {run.brief_key}", settings=self.settings)
 
     def resolve(self, run: RunInfo) -> Resolved:
         """Stream the audience into chunk files (and their job ids) in the staging bucket."""
@@ -235,11 +245,12 @@ class CampaignRunService:
         logged and returned (the renders then build the segments themselves).
         """
         template = TemplateRef(**run.template)
+        references = self.brief(run).references  # style references condition generated plates
         done: list[str] = []
         failed: dict[str, str] = {}
         for loc in locales:
             try:
-                if self._prewarm(template, Locale(loc)):
+                if self._prewarm(template, Locale(loc), references):
                     done.append(loc)
             except Exception as exc:
                 log.warning("campaign %s: prewarm %s/%s failed: %s", run.campaign_id, template.name, loc, exc)
@@ -294,6 +305,7 @@ class CampaignRunService:
 
     def report(self, run: RunInfo, *, now: datetime | None = None) -> tuple[CampaignReport, WrittenReport]:
         ids = self.job_ids(run)
+        history = self.jobs.history_many(ids)
         report = build_report(
             campaign_id=run.campaign_id,
             title=run.title,
@@ -303,23 +315,24 @@ class CampaignRunService:
             audience={"source": run.audience, "recipients": len(ids)},
             job_ids=ids,
             records=self.jobs.get_many(ids),
-            history=self.jobs.history_many(ids),
+            history=history,
             settled=self.settled_states,
             deadline=run.deadline_at,
             now=now,
         )
         written = write_report(report, self.store, self.settings.bucket_reports)
+        chart = write_chart(report, history, self.store, self.settings.bucket_reports)
         log.info(
-            "campaign %s run %s: report %s (complete=%s, %d swept, %d failed)",
+            "campaign %s run %s: report %s, chart %s (complete=%s, %d swept, %d failed)",
             run.campaign_id,
             run.run_key,
             written.json_key,
+            chart or "none",
             report.complete,
             report.swept,
             report.failed,
         )
         return report, written
 
-    @staticmethod
-    def _job_id(brief: CampaignBrief, r: Recipient) -> uuid.UUID:
-        return job_id_for(brief.campaign_id, r.id, brief.template.name, brief.template.version)
+    def _job_id(self, brief: CampaignBrief, r: Recipient) -> uuid.UUID:
+        return self.campaigns.job_id(brief.campaign_id, r.id, brief.template)

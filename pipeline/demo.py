@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pipeline.adapters.kafka import ConsumerWorker
+from pipeline.api.repository import CampaignOwners
 from pipeline.bootstrap import Container
 from pipeline.campaigns import sample_brief
 from pipeline.dev.stack import DevStack
@@ -22,8 +23,9 @@ from pipeline.keys import sidecar_of
 from pipeline.provenance import init_dev_ca, provenance_dir
 from pipeline.settings import Settings
 from pipeline.workers import ROLES
-from schemas.common import job_id_for
 from schemas.jobs import FINAL_STATES, WAITING_FOR_HUMAN, JobState
+
+DEMO_TENANT = "demo"
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,9 @@ def run_demo(
             console.print(
                 f"started {len(workers)} workers: {', '.join(w.name.split('@')[0] for w in workers)}"
             )
-            submitted = container.campaigns().submit(brief)
+            # Owned by the API tenant "demo", so a key of that tenant can read the jobs.
+            CampaignOwners(container.db).claim(brief.campaign_id, DEMO_TENANT)
+            submitted = container.campaigns().submit(brief, owner=DEMO_TENANT)
             console.print(f"submitted {submitted.requested} render requests to render.requests")
             records = _wait_with_progress(container, submitted.job_ids, timeout_s, console, threads)
         finally:
@@ -106,7 +110,7 @@ def run_demo(
         out_dir.mkdir(parents=True, exist_ok=True)
         downloaded: list[Path] = []
         for r in brief.recipients:
-            job = by_job.get(job_id_for(brief.campaign_id, r.id, brief.template.name, brief.template.version))
+            job = by_job.get(container.campaigns().job_id(brief.campaign_id, r.id, brief.template))
             state = job.state if job else None
             detail = (job.url if state == JobState.PUBLISHED else job.reason) if job else "missing"
             table.add_row(r.id, r.name, r.locale.value, str(state.value if state else "-"), detail or "")
@@ -118,6 +122,14 @@ def run_demo(
                 if container.store.exists(settings.bucket_distribution, vtt):
                     container.store.get_file(settings.bucket_distribution, vtt, dest.with_suffix(".vtt"))
         console.print(table)
+        if records:
+            # The same job over the render API (`greetflow api serve`, docs/api.md), with a key
+            # of tenant demo (`greetflow api key create --name demo --tenant demo --scopes jobs:read`).
+            console.print(
+                "a job's status over the render API: curl -H \"Authorization: Bearer $GREETFLOW_API_KEY\" "
+                f"http://{settings.api_host}:{settings.api_port}/v1/jobs/{records[0].job_id}",
+                soft_wrap=True,
+            )
         container.close()
     elapsed = time.monotonic() - t0
     console.print(

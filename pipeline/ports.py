@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +35,13 @@ class RenderedClip:
     captions_path: Path | None = None  # WebVTT sidecar of the voice line
     template: str | None = None  # "name@version" the clip was rendered from
     generator: str | None = None  # model id of the generated visuals
+    # (layer id, text) of every per-recipient text drawn, and the merge values substituted
+    # (recorded beside the clip for moderation); None: the renderer does not report them.
+    drawn_texts: tuple[tuple[str, str], ...] | None = None
+    merge_values: Mapping[str, str] | None = None
+    # How the visuals were generated (models and fingerprints, parameters, plate keys,
+    # reference assets), JSON-serialisable; None: nothing generated worth recording.
+    generation: Mapping[str, object] | None = None
 
 
 class Renderer(Protocol):

@@ -14,6 +14,7 @@ published -> taken_down (compare-and-set) and clips.taken_down announces it.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -22,12 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+from pipeline import metrics
 from pipeline.adapters.storage import ObjectStore, sha256_file
 from pipeline.consent.check import ConsentCheck
+from pipeline.consent.rules import relied_grants
 from pipeline.keys import captions_key, clip_key, sidecar_of
 from pipeline.ports import EventPublisher
-from pipeline.provenance import GenerationInfo, SigningMaterial, label_and_sign
+from pipeline.provenance import GenerationInfo, SigningMaterial, label_and_sign, producer_code
 from pipeline.repositories import (
     ConsentRepository,
     JobRecord,
@@ -38,6 +42,8 @@ from pipeline.repositories import (
 from pipeline.settings import Settings
 from pipeline.steps import Step, claim_step, published_event_id, taken_down_event_id
 from pipeline.topics import CLIPS_PUBLISHED, CLIPS_TAKEN_DOWN
+from pipeline.trust import UntrustedMessage, check_matches_row
+from schemas.brief import Reference
 from schemas.common import utcnow
 from schemas.events import ClipPublished, ClipTakenDown, ConsentChanged, Decision, Envelope, ModerationDecided
 from schemas.jobs import JobState
@@ -132,6 +138,8 @@ class TakedownService:
             reason=reason[:2000],
             actor=self.owner,
         )
+        if won:
+            metrics.TAKEN_DOWN.inc()
         log.warning("takedown %s: %s removed (%s)", job_id, key, reason)
         return won
 
@@ -185,8 +193,12 @@ class PublishService:
         if decided.decision != Decision.APPROVED:
             return
         job = self.jobs.get(decided.job_id)
+        what = f"moderation decision for job {decided.job_id}"
         if job is None:
-            raise LookupError(f"publish {decided.job_id}: unknown job")
+            raise UntrustedMessage(f"{what}: no such job")
+        # Only the row's state (approved, by the moderator or a reviewer) lets a clip out;
+        # the message merely says "look at this job", and must name it consistently.
+        check_matches_row(what, {"campaign_id": (decided.campaign_id, job.campaign_id)})
         if job.state == JobState.PUBLISHED:
             self._announce(job, env.trace_id)  # idempotent re-announce after a crash
             return
@@ -257,9 +269,12 @@ class PublishService:
         vtt = captions_key(req.campaign_id, req.recipient.id, req.job_id)
         if self.store.exists(self.settings.bucket_staging, vtt):
             self.store.copy(self.settings.bucket_staging, vtt, bucket, vtt)
-        url = self.store.public_url(key)
+        url = self.store.distribution_url(key)
         self.published.record(job_id, key, url, sha)
-        return step.finish(JobState.PUBLISHED, published_key=key, url=url)
+        won = step.finish(JobState.PUBLISHED, published_key=key, url=url)
+        if won:
+            metrics.PUBLISHED.inc()
+        return won
 
     def _prepare(self, job: JobRecord, staging_key: str, key: str, work: Path) -> _Prepared:
         """Download the rendered clip, write the AIGC label, sign C2PA (last)."""
@@ -267,12 +282,10 @@ class PublishService:
         rendered_sha = sha256_file(staging)
         meta = self.store.stat(self.settings.bucket_staging, staging_key)
         model = (meta.metadata.get("generator") if meta else None) or self.settings.generator_model
-        label = AigcLabel(
-            content_producer=self.settings.content_producer,
-            produce_id=str(job.job_id),
-            reserved_code1=f"sha256:{rendered_sha}",
-            content_propagator=self.settings.content_propagator,
-            propagate_id=key,
+        req = job.request
+        generation = self._generation_record(staging_key)
+        relied = relied_grants(
+            self._consent.histories(req.subjects), req.subjects, campaign_id=req.campaign_id, at=utcnow()
         )
         info = GenerationInfo(
             title=Path(key).name,
@@ -281,10 +294,40 @@ class PublishService:
             job_id=str(job.job_id),
             campaign_id=job.campaign_id,
             producer=self.settings.content_producer,
+            generation=generation,
+            consent_ids=tuple(str(g) for g in relied),
+            ingredients=self._reference_ingredients(req.references, work),
+        )
+        label = AigcLabel(
+            content_producer=self.settings.content_producer,
+            produce_id=str(job.job_id),
+            reserved_code1=producer_code(rendered_sha, info),
+            content_propagator=self.settings.content_propagator,
+            propagate_id=key,
         )
         out = work / "published.mp4"
         label_and_sign(staging, out, label=label, info=info, material=self._signing())
         return _Prepared(path=out, sha256=sha256_file(out))
+
+    def _generation_record(self, staging_key: str) -> dict[str, Any]:
+        """The render step's record of how the clip was generated ({} when it wrote none)."""
+        gkey = sidecar_of(staging_key, "generation.json")
+        if not self.store.exists(self.settings.bucket_staging, gkey):
+            return {}
+        data = json.loads(self.store.get_bytes(self.settings.bucket_staging, gkey))
+        return data if isinstance(data, dict) else {}
+
+    def _reference_ingredients(
+        self, refs: tuple[Reference, ...], work: Path
+    ) -> tuple[tuple[str, str, Path], ...]:
+        """The brief's reference assets, fetched from the assets bucket, as C2PA ingredients."""
+        out: list[tuple[str, str, Path]] = []
+        for i, r in enumerate(refs):
+            ext = r.key.rsplit(".", 1)[-1].lower() if "." in r.key else ""
+            fmt = {"png": "image/png", "webp": "image/webp"}.get(ext, "image/jpeg")
+            path = self.store.get_file(self.settings.bucket_assets, r.key, work / f"ref-{i}.{ext or 'jpg'}")
+            out.append((f"{r.kind}:{r.key}", fmt, path))
+        return tuple(out)
 
     def _announce(self, job: JobRecord, trace_id: str) -> None:
         clip = self.published.get(job.job_id)
@@ -292,7 +335,9 @@ class PublishService:
             raise RuntimeError(f"publish {job.job_id}: published state without a clip record")
         vtt = sidecar_of(clip.object_key, "vtt")
         captions_url = (
-            self.store.public_url(vtt) if self.store.exists(self.settings.bucket_distribution, vtt) else None
+            self.store.distribution_url(vtt)
+            if self.store.exists(self.settings.bucket_distribution, vtt)
+            else None
         )
         self.events.publish(
             CLIPS_PUBLISHED,

@@ -86,6 +86,7 @@ class JobRecord:
     sweeps: int = 0  # sweeps since the last state change (pipeline/sweeper.py)
     sweeps_total: int = 0
     swept_at: datetime | None = None
+    owner: str | None = None  # the API tenant that requested it; None: the CLI or a DAG
 
     @property
     def request(self) -> RenderRequested:
@@ -116,6 +117,7 @@ class JobRecord:
             sweeps=r.sweeps or 0,
             sweeps_total=r.sweeps_total or 0,
             swept_at=r.swept_at,
+            owner=r.owner,
         )
 
 
@@ -314,8 +316,11 @@ class JobRepository:
         self._db = db
         self._clock = clock
 
-    def create_if_absent(self, req: RenderRequested, *, actor: str = "system") -> bool:
-        """Insert the job in state `requested`; False, writing nothing, if the job id exists."""
+    def create_if_absent(
+        self, req: RenderRequested, *, actor: str = "system", owner: str | None = None
+    ) -> bool:
+        """Insert the job in state `requested` (`owner`: the API tenant requesting it); False,
+        writing nothing, if the job id exists."""
         key = _job_key(req.job_id)
         now = self._clock()
         try:
@@ -337,6 +342,7 @@ class JobRepository:
                         sweeps_total=0,
                         created_at=now,
                         updated_at=now,
+                        owner=owner,
                     )
                 )
                 s.flush()  # the job row first: job_events references it
@@ -612,6 +618,41 @@ class JobRepository:
             for state, n in rows:
                 counts[JobState(state)] = int(n)
         return counts
+
+    def campaign_activity(self, campaign_id: str, *, since: datetime) -> tuple[datetime | None, int, int]:
+        """(when the campaign's first job was created, how many of its jobs reached a final
+        state since `since`, how many were failed by a dead letter): three aggregates for the
+        progress view (pipeline/progress.py)."""
+        final = [st.value for st in FINAL_STATES]
+        in_campaign = JobEventRow.job_id.in_(select(JobRow.job_id).where(JobRow.campaign_id == campaign_id))
+        with self._db.session() as s:
+            first = s.scalar(select(func.min(JobRow.created_at)).where(JobRow.campaign_id == campaign_id))
+            settled = s.scalar(
+                select(func.count(func.distinct(JobEventRow.job_id))).where(
+                    in_campaign, JobEventRow.to_state.in_(final), JobEventRow.at >= since
+                )
+            )
+            dead = s.scalar(
+                select(func.count(func.distinct(JobEventRow.job_id))).where(
+                    in_campaign, JobEventRow.actor == "dlq"
+                )
+            )
+        if first is not None and first.tzinfo is None:
+            first = first.replace(tzinfo=since.tzinfo)
+        return first, int(settled or 0), int(dead or 0)
+
+    def counts_by_campaign_state(self, *, final_within_s: float) -> list[tuple[str, str, int]]:
+        """(campaign id, state, count) of every non-final job and of the final jobs that
+        changed within `final_within_s` (one GROUP BY; bounds the metric's label sets)."""
+        since = self._clock() - timedelta(seconds=final_within_s)
+        working = [st.value for st in JobState if st not in FINAL_STATES]
+        with self._db.session() as s:
+            rows = s.execute(
+                select(JobRow.campaign_id, JobRow.state, func.count())
+                .where(or_(JobRow.state.in_(working), JobRow.updated_at >= since))
+                .group_by(JobRow.campaign_id, JobRow.state)
+            )
+            return [(str(c), str(st), int(n)) for c, st, n in rows]
 
     # --- batched reads for campaign runs and reports (pipeline/campaign_runs.py) ---
     _IN_CHUNK = 500  # ids per IN (...) list: well inside SQLite's and PostgreSQL's limits

@@ -33,6 +33,31 @@ class Settings(BaseSettings):
     handler_max_attempts: int = Field(default=3, ge=1)
     handler_retry_backoff_s: float = Field(default=0.5, ge=0)
 
+    # --- trust: deployment kind, job id key, producer keys, Kafka SASL/TLS (docs/security.md) ---
+    # "production": nothing is generated (a process that creates jobs refuses to start
+    # without job_id_key; without producer_keys only jobs with a row are rendered) and Kafka
+    # needs TLS. "dev": a missing job id key or producer key is generated once under
+    # data_dir/secrets (mode 0600) and kept there.
+    environment: Literal["dev", "production"] = "dev"
+    # HMAC key of the job ids (`schemas.common.job_id_for`). Changing it changes every new
+    # job id: re-running an old campaign then makes new jobs.
+    job_id_key: SecretStr = SecretStr("")
+    # Trusted producers' HMAC keys, "key-id:secret,key-id:secret" (secrets >= 32 chars).
+    # Envelopes are signed with producer_key_id (empty: the first listed) and verified
+    # against every listed key, so a rotation lists the new key and the old one for a while.
+    producer_keys: SecretStr = SecretStr("")
+    producer_key_id: str = ""
+    # Every producer, consumer and admin client gets these (pipeline.adapters.kafka.kafka_client_config).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_ssl_cafile: Path | None = None  # PEM bundle of the brokers' CA; None: the system's
+    kafka_ssl_certfile: Path | None = None  # PEM client certificate (mutual TLS)
+    kafka_ssl_keyfile: Path | None = None  # PEM key of kafka_ssl_certfile
+    kafka_ssl_key_password: SecretStr = SecretStr("")
+    kafka_ssl_check_hostname: bool = True
+
     # --- message sizes, dead letters and outages (docs/operations.md, "Message sizes,
     # dead letters and outages") ---
     # Largest record the producer sends (kafka-python max_request_size). Keep it at or below
@@ -74,6 +99,26 @@ class Settings(BaseSettings):
     # Most jobs handled per sweep.
     sweep_batch_size: int = Field(default=500, ge=1)
 
+    # --- metrics, health/readiness endpoints, logs (docs/operations.md, "Metrics, logs and traces") ---
+    # /metrics, /healthz and /readyz of a worker process on this port; 0: off. Two workers
+    # in one pod need two ports: set it per container, or per role in metrics_role_ports.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    # Per-role ports, JSON: {"render": 9101, "moderate": 9102}; a role listed wins over metrics_port.
+    metrics_role_ports: dict[str, int] = Field(default_factory=dict)
+    # Readiness probes of the broker, the object store and the database: every this many
+    # seconds, each with this timeout (a stopped dependency shows within about their sum).
+    readiness_interval_s: float = Field(default=1.0, gt=0, le=60)
+    readiness_timeout_s: float = Field(default=1.0, gt=0, le=30)
+    # greetflow_consumer_lag and greetflow_jobs are refreshed in the background this often.
+    metrics_lag_interval_s: float = Field(default=15.0, gt=0)
+    metrics_jobs_interval_s: float = Field(default=5.0, gt=0)
+    # greetflow_jobs counts non-final jobs, and final ones that changed within this window.
+    metrics_jobs_window_s: float = Field(default=86_400.0, gt=0)
+    # "json": one JSON object per line; "console": the one-line human format; "auto":
+    # console on a terminal, JSON otherwise.
+    log_format: Literal["auto", "json", "console"] = "auto"
+
     # --- object store (MinIO in production, moto's S3 server locally) ---
     s3_endpoint: str = "http://127.0.0.1:19000"
     s3_access_key: str = "greetflow"
@@ -86,8 +131,26 @@ class Settings(BaseSettings):
     # Public base URL of the distribution bucket (CDN). Empty: derived from s3_endpoint.
     distribution_base_url: str = ""
 
+    # --- bucket policies (docs/security.md, "Buckets") ---
+    # Who can read published clips: "public-read" (anonymous GetObject on the distribution
+    # bucket, URLs under distribution_base_url) or "presigned" (the bucket stays private and
+    # each recorded URL is presigned for distribution_url_ttl_s; SigV4 allows at most 7 days).
+    distribution_access: Literal["public-read", "presigned"] = "public-read"
+    distribution_url_ttl_s: int = Field(default=7 * 86_400, ge=60, le=7 * 86_400)
+
     # --- database ---
     database_url: str = ""  # empty: sqlite file under data_dir
+
+    # --- stack init / check and migrations (docs/operations.md, "Stack init and check") ---
+    # Replication factor of the topics `greetflow stack init` creates, and the partitions of
+    # each `.dlq` twin (main topics get topic_partitions).
+    topic_replication_factor: int = Field(default=1, ge=1)
+    dlq_topic_partitions: int = Field(default=1, ge=1)
+    # True: a worker applies pending migrations itself, under the migration lock. False: it
+    # waits for `greetflow stack init` (the stack-init Job) to bring the schema to head.
+    migrate_on_start: bool = True
+    # Longest wait for the migration lock, or for the schema to reach head.
+    migration_wait_s: float = Field(default=300.0, gt=0)
 
     # --- local dev stack ---
     dev_host: str = "127.0.0.1"
@@ -119,6 +182,35 @@ class Settings(BaseSettings):
     generator_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     tts_backend: Literal["espeak"] = "espeak"
 
+    # --- generated motion: video plates and living photos (docs/generation.md) ---
+    # Local diffusers pipeline folders (save_pretrained layout; the class comes from their
+    # model_index.json): text-to-video for shared plates, image-to-video for living photos.
+    video_model_dir: Path | None = None
+    video_i2v_model_dir: Path | None = None
+    video_device: Literal["auto", "cpu", "cuda"] = "auto"
+    video_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: bf16 on GPU
+    video_vae_tiling: bool = True
+    video_vae_slicing: bool = True
+    video_cpu_offload: bool = False
+    video_compile: bool = False  # torch.compile the transformer (GPU only)
+    # Generation size (portrait); each backend rounds it to its VAE/patch multiple.
+    video_width: int = Field(default=480, ge=16, le=2048)
+    video_height: int = Field(default=832, ge=16, le=2048)
+    # What a generated_video / living_photo layer gets for a field it leaves out.
+    video_frames: int = Field(default=49, ge=9, le=257)
+    video_fps: int = Field(default=24, ge=8, le=60)
+    video_steps: int = Field(default=30, ge=1, le=200)
+    video_guidance: float = Field(default=5.0, ge=0.0, le=30.0)
+    video_seed: int = Field(default=0, ge=0)
+    # Shared plates live in the assets bucket under this prefix; a claim older than
+    # video_claim_ttl_s with no plate is taken over; a waiter gives up after video_wait_s.
+    video_plate_prefix: str = "generated/plates"
+    video_claim_ttl_s: float = Field(default=1800.0, gt=0)
+    video_wait_s: float = Field(default=3600.0, gt=0)
+    video_queue_max: int = Field(default=8, ge=1)  # pending generations per worker process
+    # Encoder of stored plates; h264_nvenc falls back to libx264 where the GPU has no NVENC.
+    video_encoder: Literal["libx264", "h264_nvenc"] = "libx264"
+
     # --- provenance / labels ---
     content_producer: str = "Greetflow"
     content_propagator: str = "Greetflow"
@@ -143,6 +235,11 @@ class Settings(BaseSettings):
     likeness_max_frames: int = Field(default=120, ge=1)
     # Directory holding the dlib model files; empty: the face-recognition-models package.
     likeness_models_dir: Path | None = None
+    # --- likeness: small faces (pipeline/faces.py, moderation/clip.py) ---
+    # Smallest face moderation must find where a clip shows the subject photo, in pixels of
+    # a 1920-px-high frame (scaled to the clip's height: 20 px at 960); that region of each
+    # sampled frame is upscaled until such a face is 80 px (at most 4x).
+    likeness_min_face_px: int = Field(default=40, ge=10, le=400)
     # Extra abuse lists: <dir>/<language>.txt, one term per line ('#' comments).
     text_abuse_lists_dir: Path | None = None
     text_max_chars: int = Field(default=500, ge=1)
@@ -177,9 +274,22 @@ class Settings(BaseSettings):
     # False: a job in needs_review counts as settled (a human decides later; the report
     # lists it as pending review). True: the run waits for the review decisions too.
     campaign_wait_for_review: bool = False
-    # Database that an audience `.sql` object is run against. Empty: the Greetflow database.
-    # Use a read-only user: the query runs in a read-only transaction where the backend allows.
+    # Database that an audience `.sql` object is run against: never the Greetflow database
+    # (refused when empty, equal to database_url, or holding Greetflow's tables). Use a
+    # read-only user; the query also runs in a read-only transaction.
     audience_database_url: SecretStr = SecretStr("")
+
+    # --- intake: brief and template files, audiences (docs/security.md, "Intake and audiences") ---
+    # Largest brief / template file read; nesting deeper than intake_max_depth is refused.
+    intake_max_brief_bytes: int = Field(default=16 * 2**20, ge=1024)
+    intake_max_template_bytes: int = Field(default=2**20, ge=1024)
+    intake_max_depth: int = Field(default=32, ge=4, le=1000)
+    # Development only: accept http webhook URLs on loopback (127.0.0.0/8, ::1, localhost).
+    intake_allow_loopback_webhooks: bool = False
+    # A SQL audience returning more rows than this is refused (the campaign is not sent).
+    audience_max_rows: int = Field(default=100_000, ge=1)
+    # A SQL audience query running longer than this is cancelled.
+    audience_statement_timeout_s: float = Field(default=30.0, gt=0, le=3600)
 
     # --- review queue web app (docs/review-queue.md) ---
     review_host: str = "127.0.0.1"
@@ -196,6 +306,64 @@ class Settings(BaseSettings):
     review_queue_limit: int = Field(default=200, ge=1, le=5_000)
     # Approving a case with one of these finding kinds needs a second approval by a lead.
     review_four_eyes_kinds: list[str] = Field(default_factory=lambda: ["unknown_face", "protected_person"])
+
+    # --- review app login: throttling, lockout, password hashing (docs/security.md, "Review app") ---
+    # Per account: this many failures are free; each further one blocks the account for
+    # review_login_backoff_s, doubling per failure up to review_login_backoff_max_s.
+    review_login_free_failures: int = Field(default=5, ge=1)
+    review_login_backoff_s: float = Field(default=5.0, gt=0)
+    review_login_backoff_max_s: float = Field(default=300.0, gt=0)
+    # Per account: after this many failures the account is locked for review_login_lockout_s.
+    review_login_lockout_failures: int = Field(default=10, ge=1)
+    review_login_lockout_s: float = Field(default=900.0, gt=0)
+    # Per client IP (shared by offices behind one NAT, so higher), same backoff and lockout.
+    review_login_ip_free_failures: int = Field(default=20, ge=1)
+    review_login_ip_lockout_failures: int = Field(default=100, ge=1)
+    # A failure older than this (and no block pending) no longer counts.
+    review_login_failure_window_s: float = Field(default=3600.0, gt=0)
+    # argon2id cost of new hashes (existing ones are rehashed on their next login).
+    review_argon2_memory_kib: int = Field(default=65_536, ge=8, le=4 * 2**20)
+    review_argon2_time_cost: int = Field(default=3, ge=1, le=20)
+    review_argon2_parallelism: int = Field(default=4, ge=1, le=64)
+    # At most this many password verifications run at once per process (each holds
+    # review_argon2_memory_kib); a login waits at most review_hash_wait_s for a slot, at
+    # most review_hash_max_waiting logins wait, and any other gets 503 with Retry-After.
+    review_hash_concurrency: int = Field(default=2, ge=1, le=64)
+    review_hash_wait_s: float = Field(default=5.0, ge=0)
+    review_hash_max_waiting: int = Field(default=16, ge=0)
+
+    # --- render API (docs/api.md): listen address, per-key rate limit, upload caps ---
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8090, ge=1, le=65535)
+    # Token bucket per key, in this process: this many requests per minute, bursts up to
+    # api_rate_burst. A key row's own rate_limit_per_min wins over the default.
+    api_rate_limit_per_min: int = Field(default=120, ge=1)
+    api_rate_burst: int = Field(default=30, ge=1)
+    # Uploads (POST /v1/assets, consent evidence): at most this many bytes and pixels.
+    api_upload_max_bytes: int = Field(default=15 * 2**20, ge=1024)
+    api_upload_max_pixels: int = Field(default=40_000_000, ge=1)
+    # An Idempotency-Key is remembered this long per tenant.
+    api_idempotency_ttl_s: int = Field(default=86_400, ge=60)
+
+    # --- webhooks (docs/api.md, "Webhooks"): retries, timeouts, signing, the SSRF guard ---
+    # A delivery is retried (exponential backoff with full jitter, base..max) until it is
+    # this old, then it is dead (and written to the dead-letter bucket).
+    webhook_max_age_s: float = Field(default=86_400.0, gt=0)
+    webhook_backoff_base_s: float = Field(default=10.0, gt=0)
+    webhook_backoff_max_s: float = Field(default=3_600.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # Development and tests only: let webhooks reach loopback (127.0.0.0/8, ::1), over http too.
+    webhook_allow_loopback: bool = False
+    # After a rotation the previous secret keeps signing (a second v1=) this long.
+    webhook_secret_grace_s: float = Field(default=86_400.0, ge=0)
+    # Receivers (verify_signature) refuse a signature timestamp further off than this.
+    webhook_tolerance_s: int = Field(default=300, ge=1)
+    # The delivery loop: how often it looks for due deliveries, how many it claims at
+    # once, and how long a claim holds a delivery against other webhook workers.
+    webhook_poll_s: float = Field(default=1.0, gt=0)
+    webhook_batch: int = Field(default=20, ge=1)
+    webhook_lease_s: float = Field(default=60.0, gt=0)
+    webhook_max_redirects: int = Field(default=3, ge=0, le=10)
 
     @property
     def resolved_database_url(self) -> str:

@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Unpack
 
+from pipeline import metrics
 from pipeline.repositories import JobFields, JobRecord, JobRepository, ModerationResult
 from schemas.events import ClipPublished, ClipTakenDown, Decision, ModerationDecided
 from schemas.jobs import JobState
@@ -252,6 +253,8 @@ def claim_step(
         raise RuntimeError(f"claim of job {job_id} returned no claim token")
     if holder is not None:
         log.warning("%s %s: took over from %s (its lease expired)", owner, job_id, holder)
+        step_name = metrics.STEP_OF_WORKING_STATE.get(to_state.value, to_state.value)
+        metrics.STEP_TAKEOVERS.labels(step=step_name).inc()
     step = Step(jobs, claimed, claim_token=claimed.claim_token, owner=owner, lease_s=lease_s)
     if heartbeat:
         step.start_heartbeat()

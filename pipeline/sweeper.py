@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline import metrics
 from pipeline.adapters.storage import ObjectStore
 from pipeline.ports import EventPublisher
 from pipeline.render.service import announce_rendered
@@ -132,11 +133,14 @@ class JobSweeper:
                 if job.sweeps >= self.settings.sweep_max_attempts:
                     if self._fail(job):
                         failed.append(job.job_id)
+                        metrics.SWEEPS.labels(action="failed").inc()
                     continue
                 done = self._redrive(job)
                 if done is not None:
                     redriven.append(done)
+                    metrics.SWEEPS.labels(action="redriven").inc()
             except Exception as exc:
+                metrics.SWEEPS.labels(action="error").inc()
                 log.exception("sweep %s: could not re-drive it from %s", job.job_id, job.state.value)
                 errors.append(f"{job.job_id}: {type(exc).__name__}: {exc}"[:500])
         if redriven or failed or errors:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import unicodedata
 import uuid
 from datetime import UTC, datetime
@@ -10,8 +12,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, AwareDatetime, StringConstraints
 
-# Namespace of every deterministic Greetflow id (uuid5). Never change it: job ids are
-# persisted and used in object keys.
+# Namespace of Greetflow's deterministic non-secret ids (uuid5: trace ids of campaign runs).
+# Job ids are keyed instead (`job_id_for`).
 GREETFLOW_NAMESPACE = uuid.UUID("6f1d7c3e-2b7a-5c1e-9a4e-6b1f0c9d2e11")
 
 Slug = Annotated[
@@ -32,6 +34,9 @@ class Scope(StrEnum):
     FACE = "face"
     VOICE = "voice"
     NAME = "name"
+    # Moving pictures made from the person's photo (a living photo); separate from face,
+    # and never granted by it.
+    ANIMATE = "animate"
 
 
 _FORBIDDEN_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
@@ -69,11 +74,19 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def job_id_for(campaign_id: str, recipient_id: str, template_name: str, template_version: str) -> uuid.UUID:
-    """The deterministic job id: UUIDv5 of (campaign, recipient, template version).
+def job_id_for(
+    key: bytes, campaign_id: str, recipient_id: str, template_name: str, template_version: str
+) -> uuid.UUID:
+    """The job id: HMAC-SHA256 under a server secret over (campaign, recipient, template
+    version), formatted as a UUID (version 8, RFC 9562 variant).
 
-    Redelivery and re-runs of the same brief map to the same job, so they are idempotent.
+    The same key and brief give the same ids, so re-runs and redelivery are idempotent;
+    without the key nobody can compute a job's id ahead of its campaign.
     """
-    return uuid.uuid5(
-        GREETFLOW_NAMESPACE, f"job:{campaign_id}/{recipient_id}/{template_name}@{template_version}"
-    )
+    if not key:
+        raise ValueError("the job id key must not be empty")
+    message = "\x1f".join(("job", campaign_id, recipient_id, template_name, template_version))
+    digest = bytearray(hmac.new(key, message.encode(), hashlib.sha256).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x80
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    return uuid.UUID(bytes=bytes(digest))

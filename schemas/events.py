@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic_core import to_jsonable_python
 
-from schemas.brief import Recipient, SubjectUse, TemplateRef
+from schemas.brief import MAX_REFERENCES, Recipient, Reference, SubjectUse, TemplateRef, reference_subjects
 from schemas.common import Locale, Scope, Slug, UtcDatetime, utcnow
 
 
@@ -27,10 +29,18 @@ class RenderRequested(_Payload):
     template: TemplateRef
     locale: Locale
     requested_at: UtcDatetime = Field(default_factory=utcnow)
+    # The brief's reference assets (character photos, style images).
+    references: tuple[Reference, ...] = Field(default=(), max_length=MAX_REFERENCES)
 
     @property
     def subjects(self) -> tuple[SubjectUse, ...]:
-        return self.recipient.subjects
+        """The recipient's subjects, and the real people the character references show."""
+        if not self.references:
+            return self.recipient.subjects
+        scopes: dict[str, frozenset[Scope]] = {}
+        for u in (*self.recipient.subjects, *reference_subjects(self.references)):
+            scopes[u.subject_id] = scopes.get(u.subject_id, frozenset()) | u.scopes
+        return tuple(SubjectUse(subject_id=k, scopes=v) for k, v in scopes.items())
 
 
 class ClipRendered(_Payload):
@@ -46,6 +56,27 @@ class ClipRendered(_Payload):
     width: int = Field(gt=0)
     height: int = Field(gt=0)
     rendered_at: UtcDatetime = Field(default_factory=utcnow)
+
+
+class DrawnText(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layer: str = Field(min_length=1, max_length=128)
+    text: str = Field(max_length=2000)
+
+
+class DrawnTexts(BaseModel):
+    """What the renderer drew on one clip: every per-recipient text (by template layer id)
+    and the merge values it substituted. Stored beside the clip in staging
+    (`<campaign>/<recipient>/<job>.texts.json`); moderation checks these against the job row."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: uuid.UUID
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # of the clip they were drawn on
+    template: str = ""  # "name@version"
+    merge_values: dict[str, str] = Field(default_factory=dict)
+    texts: tuple[DrawnText, ...] = ()
 
 
 class Decision(StrEnum):
@@ -120,8 +151,33 @@ class ConsentChanged(_Payload):
 P = TypeVar("P", bound=_Payload)
 
 
+class EnvelopeSignature(BaseModel):
+    """HMAC-SHA256 of a trusted producer over the envelope's canonical content
+    (`Envelope.signed_content`), under the producer key named `key_id`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_id: Slug
+    hmac_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+def _canonical(value: Any) -> Any:
+    """JSON-ready value with one spelling per content: sets sorted, mappings by key."""
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        items = [_canonical(v) for v in value]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True, ensure_ascii=False))
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return to_jsonable_python(value)
+
+
 class Envelope(BaseModel, Generic[P]):
-    """Every Kafka message is one envelope. `type` and `schema_version` name the payload."""
+    """Every Kafka message is one envelope. `type` and `schema_version` name the payload.
+
+    `signature` is set by trusted producers (pipeline/trust.py); a render request for a job
+    that has no row yet is accepted only with a valid one."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -131,6 +187,14 @@ class Envelope(BaseModel, Generic[P]):
     occurred_at: UtcDatetime = Field(default_factory=utcnow)
     trace_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=64)
     payload: P
+    signature: EnvelopeSignature | None = None
+
+    def signed_content(self) -> bytes:
+        """The canonical bytes a signature covers: every field but `signature`, as sorted,
+        compact UTF-8 JSON with sets in sorted order, so the producer's model and the
+        consumer's parsed copy give the same bytes."""
+        data = _canonical(self.model_dump(mode="python", exclude={"signature"}))
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
     def wrap(cls, payload: P, trace_id: str | None = None, id: uuid.UUID | None = None) -> Envelope[P]:

@@ -10,10 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
 from pipeline.errors import GreetflowError
 from pipeline.logs import setup_logging
 from pipeline.settings import get_settings
-from pipeline.workers import ALL_ROLES, SWEEP
+from pipeline.workers import ALL_ROLES, SWEEP, WEBHOOK
 
 # Feature modules that add their own subcommands: each has `register(subparsers) -> None`.
 # Keep this list explicit (no entry-point magic) so `greetflow --help` is predictable.
@@ -21,6 +24,10 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipeline.cli.moderation",  # consent, likeness, verify, provenance, moderation
     "pipeline.cli.render",  # template validate/list/preview, render, bench render
     "pipeline.cli.review",  # review add-user, serve, escalate
+    "pipeline.cli.stack",  # stack init, stack check
+    "pipeline.cli.campaign",  # campaign status [--watch]
+    "pipeline.cli.api",  # api serve, api key create|list|revoke
+    "pipeline.cli.webhooks",  # webhook secret
 )
 
 
@@ -61,6 +68,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     container = Container(settings)
+    # One line per worker on what it did about the schema: applied the migrations under the
+    # migration lock, or waited for the process that did (migrations: pipeline/adapters/db.py).
+    _ = container.db
+    if container.migration is not None:
+        logging.getLogger("greetflow.worker").info(
+            "%s: database schema: %s", worker_name(args.role), container.migration.describe()
+        )
     if args.role == SWEEP:
         sweeper = container.job_sweeper(worker_name(SWEEP))
         return run_periodic_until_signalled(
@@ -69,8 +83,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
             interval_s=settings.sweep_interval_s,
             resources=container,
             on_stop=sweeper.release,
+            telemetry=container.telemetry(SWEEP),
         )
-    return run_until_signalled(container.worker(args.role), container)
+    if args.role == WEBHOOK.role:
+        from pipeline.workers import run_many_until_signalled
+
+        service = container.webhook_service(worker_name(WEBHOOK.role))
+        consumers = container.webhook_workers(service)
+        return run_many_until_signalled(
+            service.owner,
+            consumers,
+            service.tick,
+            interval_s=settings.webhook_poll_s,
+            resources=container,
+            on_stop=service.close,
+            telemetry=container.telemetry(WEBHOOK.role, consumers[0]),
+        )
+    worker = container.worker(args.role)
+    return run_until_signalled(worker, container, container.telemetry(args.role, worker))
 
 
 # `greetflow submit --wait` ends with jobs not in a final state yet.
@@ -84,13 +114,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
     brief = load_brief(Path(args.brief))
     container = Container(get_settings())
     try:
-        result = container.campaigns().submit(brief)
+        result = container.campaigns().submit_brief(brief)
         print(
             f"campaign {result.campaign_id}: {len(result.job_ids)} jobs, {result.created} new, "
             f"{result.requested} render requests sent, {result.already_final} already final"
         )
+        if result.webhook_secret is not None:
+            print(
+                f"webhook {brief.webhook_url} registered; its signing secret (shown only now): "
+                f"{result.webhook_secret}"
+            )
         if args.wait:
-            records = container.campaigns().wait(result.job_ids, timeout_s=args.wait)
+            from pipeline.progress import ProgressView, ThrottledProgress
+
+            with ProgressView() as view:
+                shown = ThrottledProgress(container.progress_service(), result.campaign_id, view)
+                records = container.campaigns().wait(result.job_ids, timeout_s=args.wait, on_progress=shown)
+                shown.flush()
             _print_jobs(records)
             summary = summarize_jobs(result.job_ids, records)
             if summary.unfinished:
@@ -128,10 +168,17 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.api.app import openapi_document
     from schemas.export import export
 
     for path in export(Path(args.dir)):
         print(path)
+    # The render API's OpenAPI document (docs/api.md), next to the contracts' JSON Schemas.
+    openapi = Path(args.dir) / "openapi.json"
+    openapi.write_text(json.dumps(openapi_document(get_settings()), indent=2, sort_keys=True) + "\n", "utf-8")
+    print(openapi)
     return 0
 
 
@@ -141,9 +188,11 @@ def cmd_db(args: argparse.Namespace) -> int:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.resolved_database_url)
-    db.migrate()
-    db.dispose()
-    print(f"database at head: {settings.resolved_database_url}")
+    try:
+        outcome = db.migrate(lock_timeout_s=settings.migration_wait_s)
+    finally:
+        db.dispose()
+    print(f"database {db!r}: {outcome.describe()}")
     return 0
 
 
@@ -205,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="contracts")
     schema_sub = schema.add_subparsers(dest="schema_command", required=True)
-    export = schema_sub.add_parser("export", help="write the JSON Schemas of every contract to DIR")
+    export = schema_sub.add_parser(
+        "export", help="write the JSON Schemas of every contract and the API's openapi.json to DIR"
+    )
     export.add_argument("dir")
     export.set_defaults(func=cmd_schema)
 
@@ -233,6 +284,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GreetflowError as exc:
         logging.getLogger("greetflow").debug("error", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:
+        # A GREETFLOW_* variable that does not parse (JSON expected, for instance).
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        problems = "; ".join(
+            f"GREETFLOW_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        print(f"error: invalid settings: {problems}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

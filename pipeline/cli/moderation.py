@@ -308,7 +308,10 @@ def register(sub: Any) -> None:
         "--purpose", required=True, help="'campaign:<id>' (or a bare campaign id), 'personal:<id>' or '*'"
     )
     p.add_argument(
-        "--evidence", required=True, help="the consent artifact: video, photo of a signed form, text"
+        "--evidence",
+        required=True,
+        help="the consent artifact, judged by its content: an image (JPEG, PNG, WebP), audio (WAV, MP3, "
+        "OGG, M4A) or video (MP4, WebM, MOV); for scope face it must show the subject",
     )
     p.add_argument("--code", required=True, help="the challenge code the artifact carries")
     p.add_argument("--photo", default=None, help="the consented photo (required for scope face)")

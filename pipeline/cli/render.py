@@ -37,14 +37,15 @@ def _renderer(args: argparse.Namespace) -> Any:
 
 
 def cmd_template_validate(args: argparse.Namespace) -> int:
+    from pipeline.briefs import one_line
     from pipeline.render.templates import load_template_file
 
     bad = 0
     for f in args.files:
         try:
             lt = load_template_file(Path(f))
-        except Exception as exc:  # report every file
-            print(f"{f}: INVALID\n{exc}", file=sys.stderr)
+        except Exception as exc:  # report every file, each in one line
+            print(f"error: {one_line(str(exc)) or type(exc).__name__}", file=sys.stderr)
             bad += 1
             continue
         t = lt.template

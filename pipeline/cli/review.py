@@ -53,13 +53,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     container = Container(settings)
+    # /metrics, /healthz, /readyz on the app's port, and on GREETFLOW_METRICS_PORT when set
+    # (the probes' port in infra/k8s), sharing one set of readiness probes.
+    telemetry = container.telemetry("review")
     try:
-        app = create_app(container.review_service())
+        readiness = telemetry.readiness or container.review_readiness()
+        app = create_app(container.review_service(), readiness=readiness)
+        telemetry.start()
         host = args.host or settings.review_host
         port = args.port or settings.review_port
         print(f"review queue on http://{host}:{port}/ (API docs: /api/docs)", file=sys.stderr)
-        uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=args.proxy_headers)
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level="info",
+            log_config=None,  # uvicorn's records go through the root logger (JSON or console)
+            proxy_headers=args.proxy_headers,
+        )
     finally:
+        telemetry.stop()
         container.close()
     return 0
 
@@ -84,7 +97,8 @@ def app_from_settings() -> FastAPI:
     from pipeline.bootstrap import Container
     from pipeline.review.app import create_app
 
-    return create_app(Container(get_settings()).review_service())
+    container = Container(get_settings())
+    return create_app(container.review_service(), readiness=container.review_readiness())
 
 
 def register(sub: Any) -> None:

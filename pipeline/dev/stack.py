@@ -51,7 +51,7 @@ from typing import IO
 from urllib.parse import urlsplit
 
 from pipeline.adapters.kafka import admin_client, ensure_topics
-from pipeline.adapters.storage import ensure_buckets, s3_client
+from pipeline.adapters.storage import bucket_access, ensure_buckets, s3_client
 from pipeline.errors import ConfigError, GreetflowError
 from pipeline.settings import Settings
 from pipeline.topics import ALL_TOPICS
@@ -374,19 +374,33 @@ def _broker_argv(settings: Settings) -> list[str]:
 
 
 def _s3_argv(settings: Settings) -> list[str]:
+    """moto's S3 server behind the access gate (pipeline.dev.s3gate), which verifies
+    presigned URLs with the stack's credentials: they reach it in an owner-only file that
+    it deletes once read, not on its command line."""
+    from pipeline.dev.s3gate import write_credentials
+
+    creds = write_credentials(
+        settings.data_dir / "dev" / f"s3gate-{settings.dev_s3_port}.credentials.json",
+        settings.s3_access_key,
+        settings.s3_secret_key.get_secret_value(),
+        settings.s3_region,
+    )
     return [
         sys.executable,
         "-m",
-        "moto.server",
+        "pipeline.dev.s3gate",
         "-H",
         settings.dev_host,
         "-p",
         str(settings.dev_s3_port),
+        "--credentials-file",
+        str(creds),
     ]
 
 
-# A word that must appear in /proc/PID/cmdline for a pid file to be trusted.
-_CMD_MARKER = {BROKER: "tansu", S3: "moto"}
+# Words of which one must appear in /proc/PID/cmdline for a pid file to be trusted
+# ("moto.server": an S3 server started by an earlier version, without the gate).
+_CMD_MARKER = {BROKER: ("tansu",), S3: ("pipeline.dev.s3gate", "moto.server")}
 _COMPONENTS = (BROKER, S3)
 
 
@@ -525,7 +539,7 @@ def _cmdline(pid: int) -> str | None:
 
 def _is_ours(pid: int, name: str) -> bool:
     cmd = _cmdline(pid)
-    return cmd is not None and _CMD_MARKER[name] in cmd
+    return cmd is not None and any(marker in cmd for marker in _CMD_MARKER[name])
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -713,8 +727,10 @@ def _provision(settings: Settings, log: LogFn) -> None:
         raise DevStackError(str(exc)) from exc
     already = len(ALL_TOPICS) - len(created)
     log(f"created {len(created)} topics ({already} already existed)")
-    already = len(settings.buckets) - len(buckets)
+    access = bucket_access(settings)
+    already = len(access) - len(buckets)
     log(f"created {len(buckets)} buckets ({already} already existed)")
+    log("bucket access: " + ", ".join(f"{name} {mode}" for name, mode in access.items()))
 
 
 # --------------------------------------------------------------------------- in-process

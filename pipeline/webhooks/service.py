@@ -162,6 +162,21 @@ class WebhookService:
         log.info("webhook endpoint %s registered for campaign %s", endpoint.id, campaign_id)
         return secret
 
+    def rotate_campaign(self, campaign_id: str) -> Registered:
+        """A new secret for the endpoint of a campaign's brief `webhook_url` (the previous one
+        stays valid for the grace period). How an operator learns the secret of an endpoint
+        that a scheduled run registered, where nobody was there to be shown it."""
+        live = self.repo.endpoints_of_campaign(campaign_id)
+        if not live:
+            raise EndpointNotFound(
+                f"campaign {campaign_id} has no webhook endpoint "
+                "(its brief names no webhook_url, or it was never submitted or run)"
+            )
+        rotated = self.repo.rotate(live[0].id, new_secret(), grace_s=self.settings.webhook_secret_grace_s)
+        if rotated is None:
+            raise EndpointNotFound(f"campaign {campaign_id} has no webhook endpoint")
+        return Registered(rotated, rotated.secret)
+
     def endpoints(self, tenant: str) -> list[Endpoint]:
         return self.repo.endpoints_of_tenant(tenant)
 

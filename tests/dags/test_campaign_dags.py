@@ -158,7 +158,13 @@ def test_parsing_imports_no_service_clients() -> None:
     )
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert "kafka" not in loaded and "minio" not in loaded and "pyarrow" not in loaded
-    assert [m for m in loaded if m.startswith("pipeline")] == ["pipeline", "pipeline.settings"]
+    # settings, and the intake file loader (pure: yaml/json, no clients) with its errors
+    assert [m for m in loaded if m.startswith("pipeline")] == [
+        "pipeline",
+        "pipeline.briefs",
+        "pipeline.errors",
+        "pipeline.settings",
+    ]
 
 
 def test_sample_brief_in_repo_parses(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -47,7 +47,7 @@ from schemas.common import Scope, job_id_for
 from schemas.events import Decision, ModerationDecided, RenderRequested
 from schemas.jobs import JobState
 from tests.faults.proxy import TcpProxy
-from tests.integration.db_fixtures import postgres_database, postgres_url, render_request
+from tests.integration.db_fixtures import TEST_JOB_ID_KEY, postgres_database, postgres_url, render_request
 
 __all__ = [
     "FaultEnv",
@@ -246,7 +246,7 @@ def approved_job(c: Container, tmp: Path, campaign_id: str, recipient: str, subj
     req = render_request(
         campaign_id, recipient, subjects=(SubjectUse(subject_id=subject, scopes=frozenset({Scope.FACE})),)
     )
-    assert req.job_id == job_id_for(campaign_id, recipient, "lunar-new-year", "1")
+    assert req.job_id == job_id_for(TEST_JOB_ID_KEY, campaign_id, recipient, "lunar-new-year", "1")
     c.jobs.create_if_absent(req)
     video = still_clip(tmp / f"{recipient}.mp4", frame(), 2.5)
     key = clip_key(campaign_id, recipient, req.job_id)

@@ -153,3 +153,44 @@ def test_a_brief_for_an_unknown_template_fails_validation(container: Container, 
     path.write_text(text, encoding="utf-8")
     with pytest.raises(BriefError, match="no template mid-autumn@9"):
         svc.start(path, "manual__y")
+
+
+def test_a_scheduled_run_registers_its_brief_webhook_once_and_the_operator_prints_the_secret(
+    container: Container, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A DAG run has nobody to show a new endpoint's secret to: `start` registers the
+    brief's webhook_url, and `greetflow webhook secret` rotates and prints it."""
+    from pipeline.cli import main
+
+    s = container.settings.model_copy(
+        update={"webhook_allow_loopback": True, "intake_allow_loopback_webhooks": True}
+    )
+    hooked = Container(s)
+    try:
+        s3 = hooked.store
+        s3.put_bytes(s.bucket_assets, "audiences/hook.csv", b"id,name\nh-1,Ada\n", content_type="text/csv")
+        path = write_brief(tmp_path, "mid-hook", "audiences/hook.csv")
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        path.write_text(yaml.safe_dump({**data, "webhook_url": "http://127.0.0.1:9/hook"}), encoding="utf-8")
+        svc = hooked.campaign_run_service()
+        svc.start(path, "scheduled__1")
+        svc.start(path, "scheduled__2")  # the next run keeps the endpoint and its secret
+        (endpoint,) = hooked.webhook_repository.endpoints_of_campaign("mid-hook")
+        assert endpoint.url == "http://127.0.0.1:9/hook"
+
+        monkeypatch.setattr("pipeline.cli.webhooks.get_settings", lambda: s)
+        assert main(["webhook", "secret", "mid-hook"]) == 0
+        out = capsys.readouterr().out
+        (rotated,) = hooked.webhook_repository.endpoints_of_campaign("mid-hook")
+        shown = f"signing secret (shown only now; the previous one stays valid for 86400 s): {rotated.secret}"
+        assert shown in out
+        assert rotated.previous_secret == endpoint.secret != rotated.secret
+
+        assert main(["webhook", "secret", "nobody"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            "error: campaign nobody has no webhook endpoint "
+            "(its brief names no webhook_url, or it was never submitted or run)"
+        ]
+    finally:
+        hooked.close()

@@ -23,7 +23,7 @@ from schemas.common import Scope, job_id_for
 from schemas.events import ConsentChanged, Decision, Envelope, ModerationDecided, RenderRequested
 from schemas.jobs import JobState
 from tests.clips import frame, still_clip
-from tests.integration.db_fixtures import render_request
+from tests.integration.db_fixtures import TEST_JOB_ID_KEY, render_request
 from tests.integration.pipeline_fixtures import consume_all, run_workers
 
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ def approved_job(c: Container, tmp_path: Path, recipient: str, subject: str) -> 
     req = render_request(
         CAMPAIGN, recipient, subjects=(SubjectUse(subject_id=subject, scopes=frozenset({Scope.FACE})),)
     )
-    assert req.job_id == job_id_for(CAMPAIGN, recipient, "lunar-new-year", "1")
+    assert req.job_id == job_id_for(TEST_JOB_ID_KEY, CAMPAIGN, recipient, "lunar-new-year", "1")
     c.jobs.create_if_absent(req)
     video = still_clip(tmp_path / f"{recipient}.mp4", frame(), 2.5)
     key = clip_key(CAMPAIGN, recipient, req.job_id)

@@ -20,11 +20,25 @@ ENTRY_POINTS = frozenset(
         "pipeline.cli.render",
         "pipeline.cli.moderation",
         "pipeline.cli.review",
+        "pipeline.cli.stack",
+        "pipeline.cli.webhooks",
+        "pipeline.cli.campaign",
+        "pipeline.cli.api",
         "pipeline.demo",
     }
 )
-# What pipeline/adapters may import of pipeline (besides other adapters).
-ADAPTER_DEPENDENCIES = frozenset({"pipeline.settings", "pipeline.errors", "pipeline.topics"})
+# What pipeline/adapters may import of pipeline (besides other adapters): settings, errors,
+# topic names, and the dependency-free metrics, tracing and logging modules.
+ADAPTER_DEPENDENCIES = frozenset(
+    {
+        "pipeline.settings",
+        "pipeline.errors",
+        "pipeline.topics",
+        "pipeline.metrics",
+        "pipeline.tracing",
+        "pipeline.logs",
+    }
+)
 # The dev stack needs the `dev` extra: only these (and pipeline.dev itself) may import it.
 DEV_STACK_USERS = frozenset({"pipeline.cli", "pipeline.demo", "pipeline.bench_faults"})
 
@@ -168,7 +182,8 @@ def later() -> object:
     found = violations("pipeline.adapters.fake", "pipeline/adapters/fake.py", adapter)
     assert found == [
         "pipeline/adapters/fake.py:2: pipeline.adapters.fake imports pipeline.render: adapters import "
-        "only pipeline.errors, pipeline.settings, pipeline.topics"
+        "only pipeline.errors, pipeline.logs, pipeline.metrics, pipeline.settings, pipeline.topics, "
+        "pipeline.tracing"
     ], found
 
     schema = "def f() -> None:\n    import pipeline.topics\n"

@@ -90,7 +90,7 @@ def test_workers_import_and_wire_without_the_dev_extra(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip() == "ok 4 workers"
+    assert done.stdout.strip() == "ok 5 workers"
     assert "error: the embedded dev stack needs the 'dev' extra" in done.stderr
     assert "Traceback" not in done.stderr
 

@@ -16,7 +16,7 @@ from pipeline.repositories import JobRecord, ModerationResult
 from pipeline.steps import decision_event_id, event_id, published_event_id, taken_down_event_id
 from schemas.common import Locale
 from schemas.events import ClipRendered, Decision, Envelope, ModerationDecided
-from schemas.jobs import JobState
+from schemas.jobs import FINAL_STATES, JobState
 
 JOB = uuid.UUID("00000000-0000-4000-8000-000000000001")
 T = datetime(2026, 12, 1, tzinfo=UTC)
@@ -103,8 +103,28 @@ class FakeCampaigns:
             "c", tuple(r.job_id for r in self.records), len(self.records), len(self.records), 0
         )
 
-    def wait(self, job_ids: Any, *, timeout_s: float) -> list[JobRecord]:
+    submit_brief = submit
+
+    def wait(self, job_ids: Any, *, timeout_s: float, on_progress: Any = None) -> list[JobRecord]:
+        if on_progress is not None:
+            on_progress({})
         return self.records
+
+
+class FakeProgress:
+    """`Container.progress_service()` for the fake: a snapshot of the fake's records."""
+
+    def __init__(self, records: list[JobRecord]) -> None:
+        self.records = records
+
+    def snapshot(self, campaign_id: str) -> Any:
+        from pipeline.progress import CampaignProgress
+
+        counts = dict.fromkeys(JobState, 0)
+        for r in self.records:
+            counts[r.state] += 1
+        now = datetime.now(UTC)
+        return CampaignProgress(campaign_id, counts, 0, 0, 300.0, now, None, now)
 
 
 @pytest.mark.parametrize(
@@ -133,13 +153,17 @@ def test_submit_wait_exits_non_zero_with_unfinished_jobs(
         def campaigns(self) -> FakeCampaigns:
             return campaigns
 
+        def progress_service(self) -> FakeProgress:
+            return FakeProgress(campaigns.records)
+
         def close(self) -> None:
             pass
 
     monkeypatch.setattr(pipeline.bootstrap, "Container", FakeContainer)
     monkeypatch.setattr(pipeline.campaigns, "load_brief", lambda _p: object())
     assert main(["submit", str(tmp_path / "brief.yaml"), "--wait", "5"]) == status
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert f"campaign c: {sum(st in FINAL_STATES for st in states)}/{len(states)} final" in out, out
     if status:
         assert "2 of 3 jobs unfinished (published=1, rendering=1, requested=1)" in err
     else:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline.adapters.storage import ObjectStore, validate_key
 from pipeline.audience import check_source, iter_audience
@@ -180,10 +181,10 @@ class CampaignRunService:
         if self.campaigns.register_webhook(brief) is not None:
             # A task log is no place for a secret: the operator prints (rotates) it.
             log.warning(
-                "campaign %s: webhook endpoint %s registered; print its signing secret with "
+                "campaign %s: webhook endpoint on %s registered; print its signing secret with "
                 "`greetflow webhook secret %s`",
                 brief.campaign_id,
-                brief.webhook_url,
+                urlsplit(brief.webhook_url or "").netloc,  # not the path: it may hold a token
                 brief.campaign_id,
             )
         now = now or utcnow()

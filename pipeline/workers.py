@@ -121,35 +121,9 @@ def run_periodic_until_signalled(
     """Call `tick` every `interval_s` until SIGTERM / SIGINT (the running pass finishes),
     then `on_stop` and close `resources`. A failing pass (a database or broker outage) is
     logged and the next one runs on time. Returns the exit status, 0."""
-    logger = logging.getLogger(name)
-    stopping = threading.Event()
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        logger.info("received %s, finishing the current pass", signal.Signals(signum).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    if telemetry is not None:
-        telemetry.start()
-    try:
-        while not stopping.is_set():
-            try:
-                with bind(worker=name, step=name.partition("@")[0]):
-                    tick()
-            except Exception:
-                logger.exception("%s: pass failed; next one in %.0f s", name, interval_s)
-            stopping.wait(interval_s)
-    finally:
-        try:
-            if on_stop is not None:
-                on_stop()
-        except Exception:
-            logger.exception("%s: could not clean up", name)
-        if telemetry is not None:
-            telemetry.stop()
-        resources.close()
-    return 0
+    return run_many_until_signalled(
+        name, [], tick, interval_s=interval_s, resources=resources, on_stop=on_stop, telemetry=telemetry
+    )
 
 
 def run_many_until_signalled(
@@ -171,7 +145,7 @@ def run_many_until_signalled(
     failed: list[str] = []
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
-        logger.info("received %s, finishing the current messages and pass", signal.Signals(signum).name)
+        logger.info("received %s, finishing the current pass", signal.Signals(signum).name)
         stopping.set()
 
     def _consume(worker: ConsumerWorker[Any]) -> None:

@@ -30,7 +30,8 @@ from pipeline.api.service import ApiError, ApiService
 from pipeline.campaigns import CampaignService
 from pipeline.consent.service import ConsentService
 from pipeline.errors import GreetflowError, PermanentError
-from pipeline.metrics import Readiness, render_metrics
+from pipeline.metrics import Readiness
+from pipeline.probes import add_probe_routes
 from pipeline.repositories import JobRepository
 from pipeline.settings import Settings
 from pipeline.webhooks.service import WebhookService
@@ -212,19 +213,7 @@ def build_app(
         log.exception("api internal error %s", ref, exc_info=exc)
         return problem(500, f"internal error (reference {ref})")
 
-    @app.get("/metrics", include_in_schema=False)
-    def metrics_route(request: Request) -> Response:
-        body, content_type = render_metrics(request.headers.get("accept"))
-        return Response(body, media_type=content_type)
-
-    @app.get("/healthz", include_in_schema=False)
-    def healthz() -> Response:
-        return Response("ok\n", media_type="text/plain")
-
-    @app.get("/readyz", include_in_schema=False)
-    def readyz() -> Response:
-        doc = readiness.report() if readiness is not None else {"ready": True, "checks": {}}
-        return JSONResponse(doc, status_code=200 if doc["ready"] else 503)
+    add_probe_routes(app, readiness)
 
     for module in (
         routes_renders,

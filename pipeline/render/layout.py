@@ -273,46 +273,28 @@ def fit_text_box(
     max_height = max(8, box_height - div_h - gap - (round(30 * scale) if pill else 0))
     max_size = max(6, round(style.max_size * scale))
     min_size = max(6, round(style.min_size * scale))
-    try:
+
+    def fit(min_px: int, max_lines: int) -> FittedText:
         return fit_block(
             text,
             face,
             max_width=max_width,
             max_height=max_height,
             max_size=max_size,
-            min_size=min_size,
+            min_size=min_px,
             leading=style.leading,
-            max_lines=style.max_lines,
+            max_lines=max_lines,
             check_only=check_only,
         )
+
+    try:
+        return fit(min_size, style.max_lines)
     except TextDoesNotFit:
         if overflow == "reject":
             raise
     if overflow == "shrink":
-        floor = max(6, math.floor(min_size * SHRINK_FLOOR))
-        return fit_block(
-            text,
-            face,
-            max_width=max_width,
-            max_height=max_height,
-            max_size=max_size,
-            min_size=floor,
-            leading=style.leading,
-            max_lines=style.max_lines,
-            check_only=check_only,
-        )
-    lines = min(WRAP_MAX_LINES, max(style.max_lines, style.max_lines + WRAP_EXTRA_LINES))
-    return fit_block(
-        text,
-        face,
-        max_width=max_width,
-        max_height=max_height,
-        max_size=max_size,
-        min_size=min_size,
-        leading=style.leading,
-        max_lines=lines,
-        check_only=check_only,
-    )
+        return fit(max(6, math.floor(min_size * SHRINK_FLOOR)), style.max_lines)
+    return fit(min_size, min(WRAP_MAX_LINES, max(style.max_lines, style.max_lines + WRAP_EXTRA_LINES)))
 
 
 class VoiceDoesNotFit(RenderError):

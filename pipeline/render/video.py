@@ -575,7 +575,8 @@ class PlateCache:
         """The previous owner when this node replaced a claim older than `claim_ttl_s` with
         its own, else None. The replace is conditional on the ETag of the stale claim as
         read, so of the nodes taking it over at the same moment exactly one wins."""
-        assert self.store is not None
+        if self.store is None:
+            return None  # without a shared store every claim is this node's own
         got = self.store.get_versioned(self.bucket, self._k(key, "claim"))
         if got is None:
             return None  # the claim vanished: look again (its plate may be there now)
@@ -613,8 +614,7 @@ class PlateCache:
                 )  # fmt: skip
                 got = self._download(key)  # its owner may have finished after all
                 if got is not None:
-                    assert self.store is not None
-                    self.store.remove(self.bucket, self._k(key, "claim"))
+                    self._release(key)
                     self.hits += 1
                     return got
                 return self._generate_claimed(key, make, meta)
@@ -630,10 +630,13 @@ class PlateCache:
         try:
             plate = self._generate(key, make, meta)
         finally:
-            if self.store is not None:
-                self.store.remove(self.bucket, self._k(key, "claim"))
+            self._release(key)
         self.misses += 1
         return plate
+
+    def _release(self, key: str) -> None:
+        if self.store is not None:
+            self.store.remove(self.bucket, self._k(key, "claim"))
 
     def _generate(self, key: str, make: Callable[[], VideoClip], meta: dict[str, Any]) -> Plate:
         started = time.perf_counter()
@@ -643,10 +646,10 @@ class PlateCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".{key[:8]}-", dir=self._ensure(d.parent)))
         try:
             encode_plate(clip, tmp / "plate.mp4", self.encoder)
-            has_audio = clip.audio is not None and clip.audio.size > 0
-            if has_audio:
-                assert clip.audio is not None
-                write_wav(clip.audio, clip.audio_rate, tmp / "audio.wav")
+            audio = clip.audio if clip.audio is not None and clip.audio.size > 0 else None
+            has_audio = audio is not None
+            if audio is not None:
+                write_wav(audio, clip.audio_rate, tmp / "audio.wav")
             n, h, w, _ = clip.frames.shape
             full = {
                 **meta,
@@ -679,7 +682,8 @@ class PlateCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         plate = self._plate_from_local(key, True)
-        assert plate is not None
+        if plate is None:
+            raise RenderError(f"plate {key}: generated, but {d} holds no readable plate")
         return plate
 
 

@@ -29,7 +29,8 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.metrics import Readiness, render_metrics
+from pipeline.metrics import Readiness
+from pipeline.probes import add_probe_routes
 from pipeline.review.repository import AuditEntry, QueueItem, SessionInfo
 from pipeline.review.service import (
     CaseView,
@@ -230,19 +231,7 @@ def create_app(service: ReviewService, *, readiness: Readiness | None = None) ->
     if readiness is not None:
         readiness.start()
 
-    @app.get("/metrics", include_in_schema=False)
-    def metrics_route(request: Request) -> Response:
-        body, content_type = render_metrics(request.headers.get("accept"))
-        return Response(body, media_type=content_type)
-
-    @app.get("/healthz", include_in_schema=False)
-    def healthz() -> Response:
-        return Response("ok\n", media_type="text/plain")
-
-    @app.get("/readyz", include_in_schema=False)
-    def readyz() -> Response:
-        doc = readiness.report() if readiness is not None else {"ready": True, "checks": {}}
-        return JSONResponse(doc, status_code=200 if doc["ready"] else 503)
+    add_probe_routes(app, readiness)
 
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 

@@ -7,16 +7,17 @@ one job cannot both win.
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, Literal, TypedDict, Unpack
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, NamedTuple, TypedDict, Unpack
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import and_, delete, extract, func, literal, or_, select, true, tuple_, union_all, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from pipeline.adapters.db import (
@@ -31,6 +32,7 @@ from pipeline.adapters.db import (
     ProtectedFaceRow,
     PublishedClipRow,
     SubjectFaceRow,
+    UtcDateTime,
 )
 from schemas.brief import SubjectUse
 from schemas.common import Locale, Scope, utcnow
@@ -142,6 +144,35 @@ class JobEvent:
             actor=r.actor,
             at=r.at,
         )
+
+
+@dataclass(frozen=True)
+class JobLineRow:
+    """The columns of one job that a campaign report shows (JobRepository.iter_campaign_lines)."""
+
+    job_id: uuid.UUID
+    recipient_id: str
+    locale: str
+    state: JobState
+    reason: str | None
+    url: str | None
+    sweeps_total: int
+    name: str  # the recipient's display name from the request
+    created_at: datetime
+
+
+_STATE: dict[str, JobState] = {st.value: st for st in JobState}
+
+
+class CursorNotFound(LookupError):
+    """A page cursor that names no job."""
+
+
+def _utc(at: datetime) -> datetime:
+    # Aggregates (min, max) bypass the column type: SQLite hands back naive text-parsed times.
+    if isinstance(at, str):
+        at = datetime.fromisoformat(at)
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -596,14 +627,28 @@ class JobRepository:
         campaign_id: str | None = None,
         states: Iterable[JobState] | None = None,
         limit: int = 1000,
+        *,
+        after: uuid.UUID | str | None = None,
     ) -> list[JobRecord]:
+        """One page of jobs in (created_at, job_id) order, the order of the keyset indexes;
+        `after`: the last job of the previous page (CursorNotFound if there is no such job)."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
         q = select(JobRow)
         if campaign_id is not None:
             q = q.where(JobRow.campaign_id == campaign_id)
         if states is not None:
             q = q.where(JobRow.state.in_([JobState(st).value for st in states]))
-        q = q.order_by(JobRow.created_at, JobRow.job_id).limit(limit)
         with self._db.session() as s:
+            if after is not None:
+                key = _job_key(after)
+                created = s.scalar(select(JobRow.created_at).where(JobRow.job_id == key))
+                if created is None:
+                    raise CursorNotFound(f"no job {key} to continue after")
+                q = q.where(
+                    tuple_(JobRow.created_at, JobRow.job_id) > tuple_(literal(created, UtcDateTime()), key)
+                )
+            q = q.order_by(JobRow.created_at, JobRow.job_id).limit(limit)
             return [JobRecord._from_row(r) for r in s.scalars(q)]
 
     def counts_by_state(self, campaign_id: str) -> dict[JobState, int]:
@@ -624,19 +669,21 @@ class JobRepository:
         state since `since`, how many were failed by a dead letter): three aggregates for the
         progress view (pipeline/progress.py)."""
         final = [st.value for st in FINAL_STATES]
-        in_campaign = JobEventRow.job_id.in_(select(JobRow.job_id).where(JobRow.campaign_id == campaign_id))
+        # Both counts start from the few matching events (ix_job_events_to_state_at, the
+        # partial ix_job_events_dlq_job_id) and check the campaign by the jobs' primary key.
+        events = select(func.count(func.distinct(JobEventRow.job_id))).join(
+            JobRow, JobRow.job_id == JobEventRow.job_id
+        )
         with self._db.session() as s:
             first = s.scalar(select(func.min(JobRow.created_at)).where(JobRow.campaign_id == campaign_id))
             settled = s.scalar(
-                select(func.count(func.distinct(JobEventRow.job_id))).where(
-                    in_campaign, JobEventRow.to_state.in_(final), JobEventRow.at >= since
+                events.where(
+                    JobRow.campaign_id == campaign_id,
+                    JobEventRow.to_state.in_(final),
+                    JobEventRow.at >= since,
                 )
             )
-            dead = s.scalar(
-                select(func.count(func.distinct(JobEventRow.job_id))).where(
-                    in_campaign, JobEventRow.actor == "dlq"
-                )
-            )
+            dead = s.scalar(events.where(JobRow.campaign_id == campaign_id, JobEventRow.actor == "dlq"))
         if first is not None and first.tzinfo is None:
             first = first.replace(tzinfo=since.tzinfo)
         return first, int(settled or 0), int(dead or 0)
@@ -646,13 +693,111 @@ class JobRepository:
         changed within `final_within_s` (one GROUP BY; bounds the metric's label sets)."""
         since = self._clock() - timedelta(seconds=final_within_s)
         working = [st.value for st in JobState if st not in FINAL_STATES]
+        final = [st.value for st in FINAL_STATES]
+        # Two ranges of ix_jobs_state_updated_at, not an OR that would read every job.
+        picked = union_all(
+            select(JobRow.campaign_id, JobRow.state).where(JobRow.state.in_(working)),
+            select(JobRow.campaign_id, JobRow.state).where(
+                JobRow.state.in_(final), JobRow.updated_at >= since
+            ),
+        ).subquery()
         with self._db.session() as s:
             rows = s.execute(
-                select(JobRow.campaign_id, JobRow.state, func.count())
-                .where(or_(JobRow.state.in_(working), JobRow.updated_at >= since))
-                .group_by(JobRow.campaign_id, JobRow.state)
+                select(picked.c.campaign_id, picked.c.state, func.count()).group_by(
+                    picked.c.campaign_id, picked.c.state
+                )
             )
             return [(str(c), str(st), int(n)) for c, st, n in rows]
+
+    # --- streamed reads of one campaign (reports, in bounded memory: pipeline/reports.py) ---
+
+    def iter_campaign_lines(self, campaign_id: str, *, page_size: int = 2_000) -> Iterator[list[JobLineRow]]:
+        """The campaign's jobs in (created_at, job_id) order, in keyset pages of `page_size`
+        (each page one short query on ix_jobs_campaign_id_created_at_job_id), with only
+        the columns a report shows."""
+        if page_size < 1:
+            raise ValueError("page_size must be at least 1")
+        name = JobRow.request_json[("recipient", "name")].as_string()
+        q = select(
+            JobRow.job_id,
+            JobRow.recipient_id,
+            JobRow.locale,
+            JobRow.state,
+            JobRow.reason,
+            JobRow.url,
+            JobRow.sweeps_total,
+            name,
+            JobRow.created_at,
+        ).where(JobRow.campaign_id == campaign_id)
+        cursor: tuple[datetime, str] | None = None
+        while True:
+            page = q
+            if cursor is not None:
+                page = page.where(
+                    tuple_(JobRow.created_at, JobRow.job_id)
+                    > tuple_(literal(cursor[0], UtcDateTime()), cursor[1])
+                )
+            page = page.order_by(JobRow.created_at, JobRow.job_id).limit(page_size)
+            with self._db.engine.connect() as conn:
+                rows = [
+                    JobLineRow(
+                        job_id=uuid.UUID(job_id),
+                        recipient_id=recipient_id,
+                        locale=locale,
+                        state=_STATE[state],
+                        reason=reason,
+                        url=url,
+                        sweeps_total=int(sweeps_total or 0),
+                        name="" if name is None else str(name),
+                        created_at=created_at,
+                    )
+                    for job_id, recipient_id, locale, state, reason, url, sweeps_total, name, created_at in (
+                        conn.execute(page)
+                    )
+                ]
+            if not rows:
+                return
+            yield rows
+            if len(rows) < page_size:
+                return
+            cursor = (rows[-1].created_at, str(rows[-1].job_id))
+
+    def campaign_event_span(self, campaign_id: str) -> tuple[datetime, datetime] | None:
+        """The first and the last event time of the campaign's jobs; None without events."""
+        with self._db.session() as s:
+            first, last = s.execute(
+                select(func.min(JobEventRow.at), func.max(JobEventRow.at))
+                .join(JobRow, JobRow.job_id == JobEventRow.job_id)
+                .where(JobRow.campaign_id == campaign_id)
+            ).one()
+        if first is None or last is None:
+            return None
+        return _utc(first), _utc(last)
+
+    def campaign_state_flow(
+        self, campaign_id: str, *, origin: datetime, width_s: float
+    ) -> list[tuple[int, JobState | None, JobState, int]]:
+        """(time bucket, from state, to state, events) of the campaign's jobs: one GROUP BY
+        over their events; bucket b holds the events at [origin + b*width, origin + (b+1)*width)."""
+        if width_s <= 0:
+            raise ValueError("width_s must be positive")
+        start = literal(origin, UtcDateTime())
+        if self._db.is_sqlite:
+            seconds: Any = (func.julianday(JobEventRow.at) - func.julianday(start)) * 86400.0
+        else:
+            seconds = extract("epoch", JobEventRow.at - start)
+        bucket = func.floor(seconds / width_s).label("bucket")
+        q = (
+            select(bucket, JobEventRow.from_state, JobEventRow.to_state, func.count())
+            .join(JobRow, JobRow.job_id == JobEventRow.job_id)
+            .where(JobRow.campaign_id == campaign_id)
+            .group_by(bucket, JobEventRow.from_state, JobEventRow.to_state)
+        )
+        with self._db.session() as s:
+            return [
+                (max(int(b), 0), JobState(src) if src is not None else None, JobState(dst), int(n))
+                for b, src, dst, n in s.execute(q)
+            ]
 
     # --- batched reads for campaign runs and reports (pipeline/campaign_runs.py) ---
     _IN_CHUNK = 500  # ids per IN (...) list: well inside SQLite's and PostgreSQL's limits
@@ -680,21 +825,199 @@ class JobRepository:
                     found[row.job_id] = JobRecord._from_row(row)
         return [found[k] for k in keys if k in found]
 
-    def history_many(self, job_ids: Iterable[uuid.UUID | str]) -> dict[uuid.UUID, list[JobEvent]]:
-        """Every job's events, oldest first (jobs without events are absent)."""
+    def history_many(
+        self, job_ids: Iterable[uuid.UUID | str], *, to_states: Iterable[JobState] | None = None
+    ) -> dict[uuid.UUID, list[JobEvent]]:
+        """Every job's events, oldest first (jobs without events are absent); `to_states`:
+        only the events into these states (picked here: the read is by job id either way,
+        which keeps the planner on ix_job_events_job_id)."""
         keys = [_job_key(j) for j in job_ids]
+        wanted = None if to_states is None else frozenset(JobState(st).value for st in to_states)
         out: dict[uuid.UUID, list[JobEvent]] = {}
-        with self._db.session() as s:
+        e = JobEventRow
+        q = select(e.id, e.job_id, e.from_state, e.to_state, e.reason, e.actor, e.at)
+        with self._db.engine.connect() as conn:
             for i in range(0, len(keys), self._IN_CHUNK):
-                rows = s.scalars(
-                    select(JobEventRow)
-                    .where(JobEventRow.job_id.in_(keys[i : i + self._IN_CHUNK]))
-                    .order_by(JobEventRow.id)
-                )
-                for r in rows:
-                    ev = JobEvent._from_row(r)
+                rows = conn.execute(q.where(e.job_id.in_(keys[i : i + self._IN_CHUNK])).order_by(e.id))
+                for ev_id, job_id, src, dst, reason, actor, at in rows:
+                    if wanted is not None and dst not in wanted:
+                        continue
+                    ev = JobEvent(
+                        id=ev_id,
+                        job_id=uuid.UUID(job_id),
+                        from_state=_STATE[src] if src is not None else None,
+                        to_state=_STATE[dst],
+                        reason=reason,
+                        actor=actor,
+                        at=at,
+                    )
                     out.setdefault(ev.job_id, []).append(ev)
         return out
+
+    # --- batched intake of a campaign chunk (pipeline/campaigns.py) ---
+    _SQLITE_ROWS_PER_INSERT = 2_000  # 14 parameters a row: inside SQLite's 32766 variables
+    _EXISTING_IN_CHUNK = 10_000  # ids per IN (...) of the existing-rows read
+
+    def create_many(
+        self, jobs: Sequence[NewJob], *, owner: str | None = None, actor: str = "system"
+    ) -> CreatedJobs:
+        """Create a chunk of jobs in state `requested`, each with its first job_events row,
+        in one transaction and a constant number of statements: one read of the chunk's
+        existing rows (by primary key), then one batched insert of the others with ON
+        CONFLICT DO NOTHING. PostgreSQL: COPY into a temporary table, then one
+        INSERT ... SELECT whose RETURNING feeds the job_events insert of the same statement;
+        SQLite: multi-row INSERT ... RETURNING, then one executemany of the events.
+
+        Returns the ids it created and the rows that were there already (also a row that a
+        concurrent intake inserted in between: it counts as existing, not created)."""
+        if not jobs:
+            return CreatedJobs(frozenset(), ())
+        now = self._clock()
+        with self._db.engine.begin() as conn:
+            existing = self._existing_jobs(conn, [j.job_id for j in jobs])
+            have = {e.job_id for e in existing}
+            new = [j for j in jobs if j.job_id not in have]
+            if not new:
+                return CreatedJobs(frozenset(), tuple(existing))
+            if self._db.is_sqlite:
+                created = self._insert_sqlite(conn, new, now=now, owner=owner, actor=actor)
+            else:
+                created = self._insert_postgres(conn, new, now=now, owner=owner, actor=actor)
+            lost = [j.job_id for j in new if j.job_id not in created]
+            if lost:
+                existing.extend(self._existing_jobs(conn, lost))
+        return CreatedJobs(frozenset(created), tuple(existing))
+
+    def existing_ids(self, job_ids: Sequence[str]) -> set[str]:
+        """Which of these job ids have a row (primary-key lookups, one query per 10,000)."""
+        out: set[str] = set()
+        with self._db.engine.connect() as conn:
+            for i in range(0, len(job_ids), self._EXISTING_IN_CHUNK):
+                part = job_ids[i : i + self._EXISTING_IN_CHUNK]
+                out.update(
+                    str(k)
+                    for k in conn.execute(select(JobRow.job_id).where(JobRow.job_id.in_(part))).scalars()
+                )
+        return out
+
+    def _existing_jobs(self, conn: Any, keys: Sequence[str]) -> list[ExistingJob]:
+        out: list[ExistingJob] = []
+        cols = (
+            JobRow.job_id,
+            JobRow.state,
+            JobRow.owner,
+            JobRow.request_json,
+            JobRow.updated_at,
+            JobRow.swept_at,
+        )
+        for i in range(0, len(keys), self._EXISTING_IN_CHUNK):
+            part = keys[i : i + self._EXISTING_IN_CHUNK]
+            for job_id, state, own, request_json, updated_at, swept_at in conn.execute(
+                select(*cols).where(JobRow.job_id.in_(part))
+            ):
+                out.append(ExistingJob(job_id, JobState(state), own, request_json, updated_at, swept_at))
+        return out
+
+    def _insert_postgres(
+        self, conn: Any, new: Sequence[NewJob], *, now: datetime, owner: str | None, actor: str
+    ) -> set[str]:
+        cur = conn.connection.driver_connection.cursor()
+        try:
+            cur.execute(
+                "CREATE TEMPORARY TABLE greetflow_intake (LIKE jobs INCLUDING DEFAULTS) ON COMMIT DROP"
+            )
+            with cur.copy(f"COPY greetflow_intake ({_NEW_JOB_COLUMNS}) FROM STDIN") as copy:
+                for j in new:
+                    request = _json(j.request_json)
+                    copy.write_row(
+                        (
+                            j.job_id, j.campaign_id, j.recipient_id, j.template_name, j.template_version,
+                            j.locale, JobState.REQUESTED.value, request, 0, 0, 0, now, now, owner,
+                        )
+                    )  # fmt: skip
+            cur.execute(
+                f"WITH created AS (INSERT INTO jobs ({_NEW_JOB_COLUMNS}) "
+                f"SELECT {_NEW_JOB_COLUMNS} FROM greetflow_intake ON CONFLICT DO NOTHING RETURNING job_id) "
+                "INSERT INTO job_events (job_id, from_state, to_state, reason, actor, at) "
+                "SELECT job_id, NULL, %s, NULL, %s, %s FROM created RETURNING job_id",
+                (JobState.REQUESTED.value, actor, now),
+            )
+            return {str(r[0]) for r in cur.fetchall()}
+        finally:
+            cur.close()
+
+    def _insert_sqlite(
+        self, conn: Any, new: Sequence[NewJob], *, now: datetime, owner: str | None, actor: str
+    ) -> set[str]:
+        process = JobRow.__table__.c.created_at.type.bind_processor(conn.dialect)
+        at = process(now) if process is not None else now
+        raw = conn.connection.driver_connection
+        created: set[str] = set()
+        row = "(" + ",".join("?" * 14) + ")"
+        step = self._SQLITE_ROWS_PER_INSERT
+        for i in range(0, len(new), step):
+            part = new[i : i + step]
+            params: list[Any] = []
+            for j in part:
+                params.extend(
+                    (
+                        j.job_id, j.campaign_id, j.recipient_id, j.template_name, j.template_version,
+                        j.locale, JobState.REQUESTED.value, _json(j.request_json), 0, 0, 0, at, at, owner,
+                    )
+                )  # fmt: skip
+            sql = (
+                f"INSERT INTO jobs ({_NEW_JOB_COLUMNS}) VALUES {','.join([row] * len(part))} "
+                "ON CONFLICT DO NOTHING RETURNING job_id"
+            )
+            created.update(str(r[0]) for r in raw.execute(sql, params).fetchall())
+        raw.executemany(
+            "INSERT INTO job_events (job_id, from_state, to_state, reason, actor, at) "
+            "VALUES (?, NULL, ?, NULL, ?, ?)",
+            [(k, JobState.REQUESTED.value, actor, at) for k in created],
+        )
+        return created
+
+
+def _json(value: dict[str, Any]) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+_NEW_JOB_COLUMNS = (
+    "job_id, campaign_id, recipient_id, template_name, template_version, locale, state, "
+    "request_json, attempts, sweeps, sweeps_total, created_at, updated_at, owner"
+)
+
+
+class NewJob(NamedTuple):
+    """One job of a batched intake (`JobRepository.create_many`): its keyed id and the
+    render request it holds, as a JSON-ready dict (serialized only when it is inserted)."""
+
+    job_id: str
+    campaign_id: str
+    recipient_id: str
+    template_name: str
+    template_version: str
+    locale: str
+    request_json: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ExistingJob:
+    """What intake needs of a job that existed already: whether it is final, whose it is,
+    what it holds, and whether it looks lost (updated and swept long ago)."""
+
+    job_id: str
+    state: JobState
+    owner: str | None
+    request_json: dict[str, Any] = field(hash=False, compare=False)
+    updated_at: datetime
+    swept_at: datetime | None
+
+
+@dataclass(frozen=True)
+class CreatedJobs:
+    created: frozenset[str]  # job ids inserted by this call
+    existing: tuple[ExistingJob, ...]  # rows of the chunk that were there already
 
 
 def _event(
@@ -1119,24 +1442,37 @@ class ModerationResultRepository:
             return [ModerationResult._from_row(r) for r in rows]
 
     def latest(self, job_id: uuid.UUID | str) -> ModerationResult | None:
-        found = self.history(job_id)
-        return found[-1] if found else None
+        with self._db.session() as s:
+            row = s.scalars(
+                select(ModerationResultRow)
+                .where(ModerationResultRow.job_id == _job_key(job_id))
+                .order_by(ModerationResultRow.id.desc())
+                .limit(1)
+            ).first()
+            return ModerationResult._from_row(row) if row is not None else None
 
     def review_queue(self, *, limit: int = 100) -> list[tuple[JobRecord, ModerationResult]]:
-        """Jobs waiting for a human, oldest decision first, each with its latest result."""
-        latest = (
-            select(ModerationResultRow.job_id, func.max(ModerationResultRow.id).label("last_id"))
-            .group_by(ModerationResultRow.job_id)
-            .subquery()
-        )
-        q = (
-            select(JobRow, ModerationResultRow)
-            .join(latest, latest.c.job_id == JobRow.job_id)
-            .join(ModerationResultRow, ModerationResultRow.id == latest.c.last_id)
-            .where(JobRow.state == JobState.NEEDS_REVIEW.value)
-            .order_by(ModerationResultRow.created_at, ModerationResultRow.id)
-            .limit(limit)
-        )
+        """Jobs waiting for a human, oldest decision first, each with its latest result.
+
+        Starts from the jobs in needs_review (ix_jobs_state_updated_at) and finds each one's
+        latest result by ix_moderation_results_job_id_id, never grouping every result."""
+        if self._db.is_sqlite:
+            inner = ModerationResultRow.__table__.alias("mr_latest")
+            last_id = select(func.max(inner.c.id)).where(inner.c.job_id == JobRow.job_id).scalar_subquery()
+            mr: Any = ModerationResultRow
+            q = select(JobRow, mr).join(mr, and_(mr.job_id == JobRow.job_id, mr.id == last_id))
+        else:
+            # LATERAL: one backward step of ix_moderation_results_job_id_id per queued job.
+            latest = (
+                select(ModerationResultRow)
+                .where(ModerationResultRow.job_id == JobRow.job_id)
+                .order_by(ModerationResultRow.id.desc())
+                .limit(1)
+                .lateral("latest")
+            )
+            mr = aliased(ModerationResultRow, latest)
+            q = select(JobRow, mr).join(mr, true())
+        q = q.where(JobRow.state == JobState.NEEDS_REVIEW.value).order_by(mr.created_at, mr.id).limit(limit)
         with self._db.session() as s:
             return [(JobRecord._from_row(j), ModerationResult._from_row(m)) for j, m in s.execute(q)]
 

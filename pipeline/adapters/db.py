@@ -179,9 +179,17 @@ class JobRow(Base):
     # Migration 0006: the API tenant that requested the job; None: the CLI or a DAG.
     owner: Mapped[str | None] = mapped_column(String(64))
 
+    # Migration 0008: every index is one a query of pipeline/repositories.py walks
+    # (docs/job-store.md has their plans on PostgreSQL).
     __table_args__ = (
-        Index("ix_jobs_campaign_id_state", "campaign_id", "state"),
-        Index("ix_jobs_state", "state"),
+        # A campaign's counts by state (GROUP BY), and its stale jobs in one state.
+        Index("ix_jobs_campaign_id_state_updated_at", "campaign_id", "state", "updated_at"),
+        # A campaign's jobs in keyset pages: `greetflow jobs --campaign`, the report.
+        Index("ix_jobs_campaign_id_created_at_job_id", "campaign_id", "created_at", "job_id"),
+        # Every job in keyset pages: `greetflow jobs`.
+        Index("ix_jobs_created_at_job_id", "created_at", "job_id"),
+        # The sweeper (oldest first per state) and the recently-final count of the metrics.
+        Index("ix_jobs_state_updated_at", "state", "updated_at"),
     )
 
 
@@ -208,7 +216,18 @@ class JobEventRow(Base):
     actor: Mapped[str] = mapped_column(String(128))
     at: Mapped[datetime] = mapped_column(UtcDateTime())
 
-    __table_args__ = (Index("ix_job_events_job_id", "job_id"),)
+    __table_args__ = (
+        Index("ix_job_events_job_id", "job_id"),
+        # Migration 0008: the jobs that reached a final state lately (progress throughput).
+        Index("ix_job_events_to_state_at", "to_state", "at"),
+        # Migration 0008: the dead-lettered jobs (rare: a partial index stays tiny).
+        Index(
+            "ix_job_events_dlq_job_id",
+            "job_id",
+            postgresql_where=text("actor = 'dlq'"),
+            sqlite_where=text("actor = 'dlq'"),
+        ),
+    )
 
 
 class ConsentRow(Base):

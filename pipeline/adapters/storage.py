@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 from urllib.parse import quote, urlparse
 
 from pipeline.errors import ConfigError, PermanentError
@@ -70,6 +70,22 @@ class ObjectStore:
 
         self.client.put_object(
             bucket, validate_key(key), io.BytesIO(data), len(data), content_type=content_type
+        )
+
+    def put_fileobj(self, bucket: str, key: str, data: IO[bytes], *, content_type: str) -> None:
+        """Upload a seekable file object from its start, in parts of 5 MiB (the smallest
+        S3 takes; a multipart upload past one part), so a large file is never whole in memory."""
+        data.seek(0, 2)
+        length = data.tell()
+        data.seek(0)
+        self.client.put_object(
+            bucket,
+            validate_key(key),
+            cast(BinaryIO, data),
+            length,
+            content_type=content_type,
+            part_size=5 << 20,
+            num_parallel_uploads=1,  # one part in memory at a time
         )
 
     def put_if_absent(
@@ -177,6 +193,13 @@ class ObjectStore:
             str(o.object_name)
             for o in self.client.list_objects(bucket, prefix=prefix or None, recursive=True)
         ]
+
+    def list_sizes(self, bucket: str, prefix: str = "") -> dict[str, int]:
+        """Key -> size in bytes of every object under `prefix` (one listing, no reads)."""
+        return {
+            str(o.object_name): int(o.size or 0)
+            for o in self.client.list_objects(bucket, prefix=prefix or None, recursive=True)
+        }
 
     def presigned_get(self, bucket: str, key: str, *, expires_s: int = 3600) -> str:
         return str(

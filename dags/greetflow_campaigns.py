@@ -154,8 +154,9 @@ def campaign_dag(path: Path, header: _Header, poll_s: float) -> DAG:
         def publish_requests(run: dict[str, Any], part: dict[str, Any]) -> dict[str, int]:
             from pipeline.campaign_runs import RunInfo
 
+            retry = int(get_current_context()["ti"].try_number) > 1
             with _runs() as svc:
-                return svc.submit_part(RunInfo.from_xcom(run), part["key"])
+                return svc.submit_part(RunInfo.from_xcom(run), part["key"], retry=retry)
 
         @task.sensor(mode="reschedule", poke_interval=poll_s, timeout=timedelta(days=30).total_seconds())
         def wait_for_jobs(run: dict[str, Any]) -> PokeReturnValue:

@@ -22,7 +22,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -31,8 +31,15 @@ from urllib.parse import urlsplit
 
 from pipeline.adapters.storage import ObjectStore, validate_key
 from pipeline.audience import check_source, iter_audience
-from pipeline.campaigns import BriefError, CampaignService, check_template_fields, load_brief, parse_brief
-from pipeline.reports import CampaignReport, WrittenReport, build_report, write_chart, write_report
+from pipeline.campaigns import (
+    BriefError,
+    CampaignService,
+    TemplateFit,
+    check_template_fields,
+    load_brief,
+    parse_brief,
+)
+from pipeline.reports import ReportSummary, WrittenReport, write_campaign_report
 from pipeline.repositories import JobRepository
 from pipeline.settings import Settings
 from schemas.brief import CampaignBrief, Recipient, Reference, TemplateRef
@@ -42,6 +49,8 @@ from schemas.jobs import FINAL_STATES, WAITING_FOR_HUMAN, JobState
 log = logging.getLogger(__name__)
 
 RUNS_PREFIX = "campaign-runs"
+# One line of a jobs/part-NNNNN.txt file: a job id (36 characters) and a newline.
+_JOB_ID_LINE = 37
 # (template, locale, the brief's reference assets) -> whether the renderer prewarmed
 Prewarm = Callable[[TemplateRef, Locale, tuple[Reference, ...]], bool]
 
@@ -214,14 +223,19 @@ class CampaignRunService:
         return parse_brief(data, source=f"run snapshot {run.brief_key}", settings=self.settings)
 
     def resolve(self, run: RunInfo) -> Resolved:
-        """Stream the audience into chunk files (and their job ids) in the staging bucket."""
+        """Stream the audience into chunk files (and their job ids) in the staging bucket,
+        one chunk in memory at a time. Every recipient is checked against the template here
+        (a fitted name shape is not measured twice), so a run whose audience does not fit
+        fails before any chunk is submitted."""
         brief = self.brief(run)
+        fit = TemplateFit(brief)
         for stale in self.store.list_keys(self.bucket, f"{run.prefix}/audience/") + self.store.list_keys(
             self.bucket, f"{run.prefix}/jobs/"
         ):
             self.store.remove(self.bucket, stale)  # a retry of a run whose audience shrank
         parts: list[Part] = []
         for i, chunk in enumerate(iter_audience(brief, store=self.store, settings=self.settings)):
+            fit.check(chunk)
             key = run.part_key(i)
             body = "".join(r.model_dump_json() + "\n" for r in chunk).encode("utf-8")
             ids = "".join(f"{self._job_id(brief, r)}\n" for r in chunk).encode("ascii")
@@ -260,8 +274,12 @@ class CampaignRunService:
             log.info("campaign %s: the renderer has no prewarm hook; nothing to prewarm", run.campaign_id)
         return {"template": f"{template.name}@{template.version}", "prewarmed": done, "failed": failed}
 
-    def submit_part(self, run: RunInfo, part_key: str) -> dict[str, int]:
-        """Create the chunk's jobs and publish their render requests (idempotent)."""
+    def submit_part(self, run: RunInfo, part_key: str, *, retry: bool = False) -> dict[str, int]:
+        """Create the chunk's jobs and publish their render requests (idempotent), through
+        the intake's batched path (`CampaignService.submit`). A first try requests the jobs
+        it created (a stuck one is the sweeper's); a retry (`retry`: the try before failed,
+        maybe after its rows were written and before their requests were confirmed) requests
+        every job of the chunk that is not final."""
         brief = self.brief(run)
         if not part_key.startswith(f"{run.prefix}/audience/"):
             raise BriefError(f"{part_key!r} is not an audience chunk of run {run.run_key}")
@@ -272,68 +290,87 @@ class CampaignRunService:
             recipients=recipients,
             batch_size=self.settings.campaign_batch_size,
             trace_id=run.trace_id,
+            rerequest="pending" if retry else "none",
         )
         return {
-            "jobs": len(res.job_ids),
+            "jobs": res.total,
             "created": res.created,
             "requested": res.requested,
             "already_final": res.already_final,
         }
 
-    def job_ids(self, run: RunInfo) -> list[uuid.UUID]:
-        out: list[uuid.UUID] = []
+    def iter_job_ids(self, run: RunInfo) -> Iterator[uuid.UUID]:
+        """The run's job ids, one chunk file at a time (never all of them in memory)."""
         for key in sorted(self.store.list_keys(self.bucket, f"{run.prefix}/jobs/")):
             text = self.store.get_bytes(self.bucket, key).decode("ascii")
-            out.extend(uuid.UUID(line) for line in text.split())
-        return out
+            yield from (uuid.UUID(line) for line in text.split())
+
+    def job_ids(self, run: RunInfo) -> list[uuid.UUID]:
+        """Every job id of the run, as a list: for small runs (tests, tools)."""
+        return list(self.iter_job_ids(run))
+
+    def recipients(self, run: RunInfo) -> int:
+        """How many jobs the run has: from the chunk files' sizes (a job id line is always
+        37 bytes) in one listing; a file of another size is read and its lines counted."""
+        total = 0
+        for key, size in self.store.list_sizes(self.bucket, f"{run.prefix}/jobs/").items():
+            if size % _JOB_ID_LINE == 0:
+                total += size // _JOB_ID_LINE
+            else:
+                total += len(self.store.get_bytes(self.bucket, key).split())
+        return total
 
     def progress(self, run: RunInfo, *, now: datetime | None = None) -> Progress:
-        ids = self.job_ids(run)
-        states = self.jobs.states_of(ids)
-        counts: dict[str, int] = {}
-        for st in states.values():
-            counts[st.value] = counts.get(st.value, 0) + 1
-        missing = len(ids) - len(states)
+        """Counts by state of the run's campaign (one GROUP BY, whatever its size); the
+        run's jobs without a row yet count as `missing`."""
+        total = self.recipients(run)
+        counts = {st.value: n for st, n in self.jobs.counts_by_state(run.campaign_id).items() if n}
+        missing = max(total - sum(counts.values()), 0)
         if missing:
             counts["missing"] = missing
-        unsettled = missing + sum(1 for st in states.values() if st not in self.settled_states)
+        unsettled = missing + sum(
+            n for st, n in counts.items() if st != "missing" and JobState(st) not in self.settled_states
+        )
         return Progress(
-            total=len(ids),
+            total=max(total, sum(counts.values())),
             counts=counts,
             unsettled=unsettled,
             deadline_passed=(now or utcnow()) > run.deadline_at,
         )
 
-    def report(self, run: RunInfo, *, now: datetime | None = None) -> tuple[CampaignReport, WrittenReport]:
-        ids = self.job_ids(run)
-        history = self.jobs.history_many(ids)
-        report = build_report(
-            campaign_id=run.campaign_id,
-            title=run.title,
-            run_id=run.run_id,
+    def report(self, run: RunInfo, *, now: datetime | None = None) -> tuple[ReportSummary, WrittenReport]:
+        """The run's report, chart included, streamed from the job table in bounded memory
+        (pipeline.reports.write_campaign_report)."""
+        total = self.recipients(run)
+        written = write_campaign_report(
+            self.jobs,
+            self.store,
+            self.settings.bucket_reports,
+            run.campaign_id,
             run_key=run.run_key,
+            run_id=run.run_id,
+            title=run.title,
             template=run.template,
-            audience={"source": run.audience, "recipients": len(ids)},
-            job_ids=ids,
-            records=self.jobs.get_many(ids),
-            history=history,
+            audience={"source": run.audience, "recipients": total},
+            expected=total,
             settled=self.settled_states,
             deadline=run.deadline_at,
             now=now,
         )
-        written = write_report(report, self.store, self.settings.bucket_reports)
-        chart = write_chart(report, history, self.store, self.settings.bucket_reports)
+        summary = written.summary
+        if summary is None:
+            raise RuntimeError("write_campaign_report returned no summary")
         log.info(
             "campaign %s run %s: report %s, chart %s (complete=%s, %d swept, %d failed)",
             run.campaign_id,
             run.run_key,
             written.json_key,
-            chart or "none",
-            report.complete,
-            report.swept,
-            report.failed,
+            written.chart_key or "none",
+            summary.complete,
+            summary.swept,
+            summary.failed,
         )
-        return report, written
+        return summary, written
 
     def _job_id(self, brief: CampaignBrief, r: Recipient) -> uuid.UUID:
         return self.campaigns.job_id(brief.campaign_id, r.id, brief.template)

@@ -5,25 +5,28 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import to_jsonable_python
 
 from pipeline.briefs import BriefError, DocumentError, load_document, one_line
 from pipeline.errors import GreetflowError
 from pipeline.ports import EventPublisher
-from pipeline.repositories import JobRecord, JobRepository
+from pipeline.repositories import ExistingJob, JobRecord, JobRepository, NewJob
 from pipeline.settings import Settings, get_settings
 from pipeline.topics import RENDER_REQUESTS
 from pipeline.trust import JobIds, differing_fields
 from schemas.brief import ALLOW_LOOPBACK_WEBHOOKS, CampaignBrief, Recipient, Reference, TemplateRef
+from schemas.common import Scope, utcnow
 from schemas.events import RenderRequested
+from schemas.events import _canonical as canonical
 from schemas.jobs import FINAL_STATES, JobState
 
 if TYPE_CHECKING:
@@ -88,11 +91,11 @@ def _living_photo_problems(
 @lru_cache(maxsize=2)
 def _intake_tts(backend: str) -> TTS:
     """The renderer's TTS at the renderer's sample rate: intake times a voice line exactly as
-    the render step will."""
+    the render step will (durations only: it never needs the samples themselves)."""
     from pipeline.render.audio import SAMPLE_RATE
     from pipeline.render.tts import make_tts
 
-    return make_tts(backend, sample_rate=SAMPLE_RATE)
+    return make_tts(backend, sample_rate=SAMPLE_RATE, timing_only=True)
 
 
 def load_brief(path: Path, settings: Settings | None = None) -> CampaignBrief:
@@ -149,6 +152,8 @@ def _request_fields(req: RenderRequested) -> dict[str, Any]:
 @dataclass(frozen=True)
 class SubmitResult:
     campaign_id: str
+    # Inline briefs: every job id, in brief order. Audience briefs: empty (a million-row
+    # audience is streamed, its ids are never all held); `total` counts them.
     job_ids: tuple[uuid.UUID, ...]
     created: int
     requested: int
@@ -156,6 +161,12 @@ class SubmitResult:
     # The signing secret of the brief's webhook_url endpoint, when this submission created it
     # (shown to the submitter once); None without a webhook_url or when it existed already.
     webhook_secret: str | None = None
+    # Jobs in the brief (0: as many as job_ids).
+    total: int = 0
+
+    def __post_init__(self) -> None:
+        if self.total == 0 and self.job_ids:
+            object.__setattr__(self, "total", len(self.job_ids))
 
 
 @dataclass(frozen=True)
@@ -207,9 +218,145 @@ class BriefWebhooks(Protocol):
     def register_brief(self, campaign_id: str, url: str) -> str | None: ...
 
 
-def _chunks(items: list[RenderRequested], size: int) -> Iterator[list[RenderRequested]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+# Which existing, non-final jobs a submission requests again:
+# - "pending": every one (an inline brief, a retried DAG chunk: the try before may have
+#   written the rows and died before their requests were sent);
+# - "none": none (a re-run of an audience brief: a stuck job is the sweeper's to re-drive).
+Rerequest = Literal["pending", "none"]
+
+
+class BulkPublisher(Protocol):
+    """An event bus that sends a chunk of payloads, given as canonical JSON-ready dicts,
+    without waiting (pipeline.adapters.kafka.EventBus)."""
+
+    def send_payloads(
+        self,
+        topic: str,
+        event_type: str,
+        schema_version: int,
+        items: Sequence[tuple[str, dict[str, Any]]],
+        *,
+        trace_id: str | None = None,
+    ) -> Callable[[], int]: ...
+
+
+def _fit_key(r: Recipient) -> tuple[str, str, bool, bool]:
+    """What the template check of a recipient depends on: the name, the locale, whether it
+    has a photo, and whether a pictured subject lacks scope animate."""
+    unanimated = r.photo_key is not None and any(
+        Scope.FACE in u.scopes and Scope.ANIMATE not in u.scopes for u in r.subjects
+    )
+    return r.name, r.locale.value, r.photo_key is not None, unanimated
+
+
+class TemplateFit:
+    """`check_template_fields` over a stream of chunks: a (name, locale, photo) shape that
+    fitted once is not measured again (names repeat a lot in real audiences). A chunk with
+    a problem is checked in full, so the error names its recipients as the plain check does."""
+
+    MAX_SHAPES = 200_000  # remembered shapes; past that the memory starts afresh
+
+    def __init__(self, brief: CampaignBrief) -> None:
+        self.brief = brief
+        self._fits: set[tuple[str, str, bool, bool]] = set()
+
+    def check(self, audience: Sequence[Recipient]) -> None:
+        todo: dict[tuple[str, str, bool, bool], Recipient] = {}
+        for r in audience:
+            key = _fit_key(r)
+            if key not in self._fits and key not in todo:
+                todo[key] = r
+        if not todo:
+            return
+        try:
+            check_template_fields(self.brief, list(todo.values()))
+        except BriefError:
+            check_template_fields(self.brief, [r for r in audience if _fit_key(r) not in self._fits])
+            raise
+        if len(self._fits) + len(todo) > self.MAX_SHAPES:
+            self._fits.clear()
+        self._fits.update(todo)
+
+
+class RequestFactory:
+    """Render requests of one brief as canonical JSON-ready dicts (what a consumer's
+    `Envelope.signed_content` computes from the parsed model) and job rows, without a
+    pydantic model per recipient: the brief's part is dumped once, each recipient's
+    validated model once."""
+
+    def __init__(self, brief: CampaignBrief, job_ids: JobIds) -> None:
+        self.brief = brief
+        self.job_ids = job_ids
+        proto = render_request_for(brief, Recipient(id="prototype", name="prototype"), job_ids)
+        self._proto: dict[str, Any] = canonical(proto.model_dump(mode="python"))
+
+    def build(self, recipients: Sequence[Recipient]) -> tuple[list[NewJob], list[dict[str, Any]]]:
+        b = self.brief
+        name, version = b.template.name, b.template.version
+        requested_at = to_jsonable_python(utcnow())
+        rows: list[NewJob] = []
+        payloads: list[dict[str, Any]] = []
+        for r in recipients:
+            job_id = str(self.job_ids.job_id(b.campaign_id, r.id, name, version))
+            rec = canonical(r.model_dump(mode="python")) if r.subjects else r.model_dump(mode="json")
+            payload = {
+                **self._proto,
+                "job_id": job_id,
+                "recipient": rec,
+                "locale": rec["locale"],
+                "requested_at": requested_at,
+            }
+            rows.append(NewJob(job_id, b.campaign_id, r.id, name, version, rec["locale"], payload))
+            payloads.append(payload)
+        return rows, payloads
+
+
+def _same_request(fresh: Mapping[str, Any], stored: Mapping[str, Any]) -> bool:
+    """Whether a job row holds the request the brief asks for (requested_at aside)."""
+    a = {k: v for k, v in fresh.items() if k != "requested_at"}
+    b = {k: v for k, v in stored.items() if k != "requested_at"}
+    if a == b:
+        return True
+    try:
+        row = RenderRequested.model_validate(stored)
+    except ValidationError:
+        return False
+    return not differing_fields(_request_fields(RenderRequested.model_validate(fresh)), _request_fields(row))
+
+
+def _log_intake(campaign_id: str, tally: _Tally, elapsed_s: float, validated_s: float) -> None:
+    """The intake's summary line; its fields also travel as log extras (`greetflow bench
+    scale` reads them from the JSON log)."""
+    log.info(
+        "campaign %s: %d jobs (%d new), %d render requests sent, %d already final (%.1f s)",
+        campaign_id, tally.total, tally.created, tally.requested, tally.final, elapsed_s,
+        extra={
+            "intake": {
+                "campaign_id": campaign_id,
+                "jobs": tally.total,
+                "created": tally.created,
+                "requested": tally.requested,
+                "already_final": tally.final,
+                "elapsed_s": round(elapsed_s, 3),
+                "validate_s": round(validated_s, 3),
+            }
+        },
+    )  # fmt: skip
+
+
+def _row_payload(job: ExistingJob) -> dict[str, Any]:
+    """The canonical payload of the request a job row holds."""
+    return dict(canonical(RenderRequested.model_validate(job.request_json).model_dump(mode="python")))
+
+
+@dataclass
+class _Tally:
+    total: int = 0
+    created: int = 0
+    requested: int = 0
+    final: int = 0
+    differ: int = 0
+    differ_example: str = ""
 
 
 class CampaignService:
@@ -287,33 +434,57 @@ class CampaignService:
     def submit_brief(
         self, brief: CampaignBrief, *, trace_id: str | None = None, owner: str | None = None
     ) -> SubmitResult:
-        """Submit a whole brief: its inline recipients, or its audience object resolved chunk
-        by chunk (the object must exist; every chunk is checked before it is submitted).
-        `owner`: the API tenant submitting it (None: the CLI or a DAG). A `webhook_url` is
-        registered as the campaign's endpoint first (BriefError when the webhook guard
-        refuses it); its secret comes back once, in `webhook_secret`."""
+        """Submit a whole brief: its inline recipients (`submit`), or its audience object,
+        streamed. `owner`: the API tenant submitting it (None: the CLI or a DAG). A
+        `webhook_url` is checked before any job is written and registered as the campaign's
+        endpoint after (BriefError when the webhook guard refuses it); its secret comes back
+        once, in `webhook_secret`.
+
+        An audience is read twice, chunk by chunk (`Settings.campaign_chunk_size`), never
+        whole. The first pass validates every row (the model, duplicate ids, the template
+        fit) and writes nothing, so a bad row anywhere fails the intake (AudienceError or
+        BriefError, naming the row) before any job exists. The second pass creates each
+        chunk's jobs with one batched insert and sends its render requests as one batched
+        produce, confirmed before the intake reports success (the sends of a chunk overlap
+        the insert of the next).
+
+        A submission requests only the jobs it created. Existing jobs are left alone: their
+        workers move them on, and a job stuck with no message left to move it (its request
+        lost) is the sweeper's to re-drive, which knows a backlog being drained from a lost
+        request (leases) and gives up after `sweep_max_attempts`. Final jobs are never
+        requested again. A re-run of a million-row campaign thus reads its rows and sends
+        nothing, however long its jobs have been waiting for render capacity."""
         self._webhook(brief, register=False)
         if brief.audience_key is None:
             res = self.submit(brief, trace_id=trace_id, owner=owner)
             return replace(res, webhook_secret=self._webhook(brief, register=True))
         if self.audience is None:
             raise BriefError(f"brief {brief.campaign_id}: this intake cannot resolve audience_key audiences")
-        trace = trace_id or uuid.uuid4().hex
-        ids: list[uuid.UUID] = []
-        created = requested = final = 0
-        chunks = list(self.audience(brief))
-        for chunk in chunks:  # nothing is submitted unless every recipient fits
-            check_template_fields(brief, chunk)
-        for chunk in chunks:
-            res = self.submit(brief, recipients=chunk, trace_id=trace, owner=owner)
-            ids.extend(res.job_ids)
-            created, requested, final = (
-                created + res.created,
-                requested + res.requested,
-                final + res.already_final,
-            )
+        t0 = time.perf_counter()
+        fit = TemplateFit(brief)
+        rows = 0
+        for chunk in self.audience(brief):  # the validation pass: nothing is written
+            fit.check(self._new_recipients(brief, chunk))
+            rows += len(chunk)
+        validated_s = time.perf_counter() - t0
+        log.info(
+            "campaign %s: %d recipients valid (%.1f s); submitting", brief.campaign_id, rows, validated_s
+        )
+        self._screen_references(brief)
+        tally = self._fan_out(
+            brief, self.audience(brief), fit=fit, rerequest="none", trace_id=trace_id, owner=owner
+        )
         secret = self._webhook(brief, register=True)
-        return SubmitResult(brief.campaign_id, tuple(ids), created, requested, final, webhook_secret=secret)
+        _log_intake(brief.campaign_id, tally, time.perf_counter() - t0, validated_s)
+        return SubmitResult(
+            brief.campaign_id,
+            (),
+            tally.created,
+            tally.requested,
+            tally.final,
+            webhook_secret=secret,
+            total=tally.total,
+        )
 
     def register_webhook(self, brief: CampaignBrief) -> str | None:
         """Check and register the brief's webhook_url as the campaign's endpoint: its new
@@ -342,63 +513,144 @@ class CampaignService:
         batch_size: int = 500,
         trace_id: str | None = None,
         owner: str | None = None,
+        rerequest: Rerequest = "pending",
     ) -> SubmitResult:
-        """Create (idempotently) one job per recipient and request its render.
-
-        Jobs already in a final state are not requested again, so re-running a campaign
-        publishes nothing new for them.
-        """
+        """Create (idempotently) one job per recipient, `batch_size` jobs per batched insert
+        and produce, and request its render. Jobs already final are not requested again,
+        so re-running a campaign publishes nothing new for them; `rerequest` says which
+        other existing jobs are (default: every one not final; "none": no existing job)."""
         audience = list(recipients if recipients is not None else brief.recipients)
-        check_template_fields(brief, audience)
-        if self.screen_photos is not None:
-            self.screen_photos(brief.campaign_id, audience)
-        if self.screen_references is not None and brief.references:
-            self.screen_references(brief.campaign_id, brief.references)
-        trace = trace_id or uuid.uuid4().hex
-        reqs = [render_request_for(brief, r, self.job_ids) for r in audience]
-        created = requested = final = 0
-        for chunk in _chunks(reqs, batch_size):
-            pending: list[RenderRequested] = []
-            for req in chunk:
-                if self.jobs.create_if_absent(req, owner=owner):
-                    created += 1
-                job = self.jobs.get(req.job_id)
-                if job is None:
-                    raise RuntimeError(f"job {req.job_id} is gone right after it was created")
-                if job.state in FINAL_STATES:
-                    final += 1
-                    continue
-                # The row is the truth: request what it holds, even when the brief changed.
-                differ = differing_fields(_request_fields(req), _request_fields(job.request))
-                if differ:
-                    log.warning(
-                        "campaign %s: recipient %s differs from its job %s (%s); the job keeps "
-                        "what it was created with",
-                        brief.campaign_id, req.recipient.id, job.job_id, ", ".join(differ),
-                    )  # fmt: skip
-                pending.append(job.request)
-            publish_many = getattr(self.events, "publish_many", None)
-            if publish_many is not None:
-                publish_many(RENDER_REQUESTS, [(str(r.job_id), r) for r in pending], trace_id=trace)
-            else:
-                for r in pending:
-                    self.events.publish(RENDER_REQUESTS, r, key=str(r.job_id), trace_id=trace)
-            requested += len(pending)
-        log.info(
-            "campaign %s: %d jobs (%d new), %d render requests sent, %d already final",
-            brief.campaign_id,
-            len(reqs),
-            created,
-            requested,
-            final,
-        )
+        fit = TemplateFit(brief)
+        fit.check(audience)
+        self._screen_references(brief)
+        batches = (audience[i : i + batch_size] for i in range(0, len(audience), max(batch_size, 1)))
+        t0 = time.perf_counter()
+        tally = self._fan_out(brief, batches, fit=fit, rerequest=rerequest, trace_id=trace_id, owner=owner)
+        _log_intake(brief.campaign_id, tally, time.perf_counter() - t0, 0.0)
+        ids = tuple(self.job_id(brief.campaign_id, r.id, brief.template) for r in audience)
         return SubmitResult(
             campaign_id=brief.campaign_id,
-            job_ids=tuple(r.job_id for r in reqs),
-            created=created,
-            requested=requested,
-            already_final=final,
+            job_ids=ids,
+            created=tally.created,
+            requested=tally.requested,
+            already_final=tally.final,
+            total=len(ids),
         )
+
+    def _new_recipients(self, brief: CampaignBrief, chunk: Sequence[Recipient]) -> list[Recipient]:
+        """The recipients of a chunk that have no job yet: only they need the template check
+        (a job row was checked when it was created), so a re-run measures no name again."""
+        ids = [str(self.job_id(brief.campaign_id, r.id, brief.template)) for r in chunk]
+        have = self.jobs.existing_ids(ids)
+        return [r for r, job_id in zip(chunk, ids, strict=True) if job_id not in have]
+
+    def _screen_references(self, brief: CampaignBrief) -> None:
+        if self.screen_references is not None and brief.references:
+            self.screen_references(brief.campaign_id, brief.references)
+
+    def _fan_out(
+        self,
+        brief: CampaignBrief,
+        chunks: Iterable[Sequence[Recipient]],
+        *,
+        fit: TemplateFit,
+        rerequest: Rerequest,
+        trace_id: str | None,
+        owner: str | None,
+    ) -> _Tally:
+        """Per chunk: check its recipients without a job (template fit, photos), insert its
+        jobs, send its requests.
+        The sends of chunk k are confirmed after chunk k+1 is written, so producing overlaps
+        the next insert; every send is confirmed before this returns."""
+        trace = trace_id or uuid.uuid4().hex
+        factory = RequestFactory(brief, self.job_ids)
+        tally = _Tally()
+        unconfirmed: Callable[[], int] | None = None
+        try:
+            for chunk in chunks:
+                if not chunk:
+                    continue
+                rows, payloads = factory.build(chunk)
+                have = self.jobs.existing_ids([row.job_id for row in rows])
+                fresh = [r for r, row in zip(chunk, rows, strict=True) if row.job_id not in have]
+                fit.check(fresh)
+                if self.screen_photos is not None and fresh:
+                    self.screen_photos(brief.campaign_id, fresh)
+                created = self.jobs.create_many(rows, owner=owner, actor="intake")
+                items = self._to_request(
+                    rows, payloads, created.created, created.existing, rerequest, tally
+                )
+                confirm = self._send(items, trace)
+                if unconfirmed is not None:
+                    unconfirmed()
+                unconfirmed = confirm
+            if unconfirmed is not None:
+                pending, unconfirmed = unconfirmed, None
+                pending()
+        finally:
+            if unconfirmed is not None:  # a failure: still hand over what was sent before it
+                try:
+                    unconfirmed()
+                except Exception as exc:
+                    log.warning(
+                        "campaign %s: render requests of the last chunk unconfirmed: %s",
+                        brief.campaign_id,
+                        exc,
+                    )
+        if tally.differ:
+            log.warning(
+                "campaign %s: %d recipient(s) differ from their jobs (e.g. %s); the jobs keep what "
+                "they were created with",
+                brief.campaign_id, tally.differ, tally.differ_example,
+            )  # fmt: skip
+        return tally
+
+    def _to_request(
+        self,
+        rows: Sequence[NewJob],
+        payloads: Sequence[dict[str, Any]],
+        created: frozenset[str],
+        existing: Sequence[ExistingJob],
+        rerequest: Rerequest,
+        tally: _Tally,
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """The (key, payload) of every request a chunk sends: its new jobs, then the existing
+        ones `rerequest` picks, with what their rows hold (the row is the truth)."""
+        tally.total += len(rows)
+        tally.created += len(created)
+        out = [(row.job_id, p) for row, p in zip(rows, payloads, strict=True) if row.job_id in created]
+        fresh = {row.job_id: p for row, p in zip(rows, payloads, strict=True)} if existing else {}
+        for job in existing:
+            if job.state in FINAL_STATES:
+                tally.final += 1
+                continue
+            asked = fresh.get(job.job_id)
+            if asked is not None and not _same_request(asked, job.request_json):
+                tally.differ += 1
+                tally.differ_example = tally.differ_example or f"job {job.job_id}"
+            if rerequest == "pending":
+                out.append((job.job_id, _row_payload(job)))
+        tally.requested += len(out)
+        return out
+
+    def _send(self, items: Sequence[tuple[str, dict[str, Any]]], trace_id: str) -> Callable[[], int]:
+        """Hand the requests to the bus; the callable returned waits for their acks."""
+        send_payloads = getattr(self.events, "send_payloads", None)
+        if send_payloads is not None:
+            bulk: BulkPublisher = self.events  # type: ignore[assignment]
+            return bulk.send_payloads(
+                RENDER_REQUESTS,
+                RenderRequested.event_type,
+                RenderRequested.schema_version,
+                items,
+                trace_id=trace_id,
+            )
+        for key, payload in items:
+            self.events.publish(
+                RENDER_REQUESTS, RenderRequested.model_validate(payload), key=key, trace_id=trace_id
+            )
+        sent = len(items)
+        return lambda: sent
 
     def wait(
         self,
@@ -424,4 +676,33 @@ class CampaignService:
             if time.monotonic() > deadline:
                 log.warning("wait: %s", summarize_jobs(job_ids, records, settled).describe())
                 return records
+            time.sleep(poll_s)
+
+    def wait_campaign(
+        self,
+        campaign_id: str,
+        *,
+        expected: int,
+        timeout_s: float,
+        poll_s: float = 0.5,
+        settled: frozenset[JobState] = FINAL_STATES,
+        on_progress: Callable[[dict[JobState, int]], None] | None = None,
+    ) -> dict[JobState, int]:
+        """Block until `expected` jobs of the campaign exist and all are settled, or the
+        timeout passes; returns the job count per state (every state present). Each poll is
+        one GROUP BY over the campaign, never a read of its rows, so it suits any size."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            counts = self.jobs.counts_by_state(campaign_id)
+            if on_progress is not None:
+                on_progress({st: n for st, n in counts.items() if n})
+            total = sum(counts.values())
+            if total >= expected and all(n == 0 for st, n in counts.items() if st not in settled):
+                return counts
+            if time.monotonic() > deadline:
+                shown = ", ".join(f"{st.value}={n}" for st, n in counts.items() if n) or "no jobs"
+                log.warning(
+                    "wait: campaign %s after %g s: %s of %d expected", campaign_id, timeout_s, shown, expected
+                )
+                return counts
             time.sleep(poll_s)

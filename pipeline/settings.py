@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     consumer_max_poll_interval_ms: int = Field(default=30_000, ge=5_000)
     consumer_session_timeout_ms: int = Field(default=10_000, ge=3_000)
     consumer_poll_timeout_ms: int = Field(default=500, ge=10)
+    # Longest a fetch waits at the broker for new records: bounds each step's hand-off delay
+    # (Tansu sometimes holds a fetch this long although records arrived meanwhile).
+    consumer_fetch_max_wait_ms: int = Field(default=100, ge=1, le=5_000)
     # A failing message is retried this many times (with backoff) before it goes to the DLQ.
     handler_max_attempts: int = Field(default=3, ge=1)
     handler_retry_backoff_s: float = Field(default=0.5, ge=0)
@@ -68,6 +71,12 @@ class Settings(BaseSettings):
     # still returned (alone), so these bound memory, not the largest message.
     kafka_max_partition_fetch_bytes: int = Field(default=1_048_576, ge=1024)
     kafka_fetch_max_bytes: int = Field(default=52_428_800, ge=1024)
+    # Producer batching (campaign fan-out sends thousands of requests at once): a batch waits
+    # up to kafka_linger_ms to fill kafka_batch_bytes; single publishes are flushed at once.
+    kafka_linger_ms: int = Field(default=20, ge=0, le=1000)
+    kafka_batch_bytes: int = Field(default=262_144, ge=1024)
+    # Producer batch compression; auto: lz4 when the lz4 package is installed, else gzip.
+    kafka_compression: Literal["auto", "lz4", "gzip", "snappy", "zstd", "none"] = "auto"
     # A dead letter is offered to `<topic>.dlq` this many times, within this long, before it
     # is spilled to the object store (and a small pointer record goes to the DLQ).
     dlq_send_max_attempts: int = Field(default=3, ge=1)
@@ -172,6 +181,12 @@ class Settings(BaseSettings):
     # Shared segments and generated stills are cached here. None: data_dir / "render-cache".
     render_cache_dir: Path | None = None
     render_cache_max_gb: float = Field(default=20.0, gt=0)
+    # x264 processes a personal segment is split over (at most one per keyframe interval). 0: one per CPU.
+    render_encode_jobs: int = Field(default=0, ge=0)
+    # Reuse the encoded personal segment of an identical recipient (same name, locale, photo, template).
+    render_dedup: bool = True
+    # Size limit of that personal-segment cache (<render_cache_dir>/personal, least recently used go first).
+    render_dedup_max_gb: float = Field(default=2.0, gt=0)
     # Template variant (9x16, 1x1, 16x9). Empty: the size render_width x render_height.
     render_variant: str = ""
     # Extra font folders searched before the system ones (colon-separated in the env var).
@@ -233,6 +248,8 @@ class Settings(BaseSettings):
     likeness_sample_interval_s: float = Field(default=1.0, gt=0, le=1.0)
     likeness_scene_threshold: float = Field(default=0.3, gt=0, lt=1)
     likeness_max_frames: int = Field(default=120, ge=1)
+    # Sampled frames a moderator searches for faces at once (threads; dlib runs without the GIL).
+    likeness_detect_threads: int = Field(default=2, ge=1, le=16)
     # Directory holding the dlib model files; empty: the face-recognition-models package.
     likeness_models_dir: Path | None = None
     # --- likeness: small faces (pipeline/faces.py, moderation/clip.py) ---
@@ -263,10 +280,11 @@ class Settings(BaseSettings):
     # --- scheduled campaigns (Airflow `campaign_<id>` DAGs, docs/airflow.md) ---
     # Folder of brief files (*.yaml, *.yml, *.json), one DAG each. None: dags/campaigns/.
     campaigns_dir: Path | None = None
-    # Recipients per audience chunk (one mapped publish task per chunk).
-    campaign_chunk_size: int = Field(default=2_000, ge=1, le=100_000)
-    # Render requests per Kafka batch within a chunk.
-    campaign_batch_size: int = Field(default=500, ge=1)
+    # Recipients per audience chunk: one batched insert and produce at intake, one mapped
+    # publish task per chunk in a DAG run (1M recipients: 200 chunks).
+    campaign_chunk_size: int = Field(default=5_000, ge=1, le=100_000)
+    # Jobs per batched insert and produce when a DAG task submits its chunk.
+    campaign_batch_size: int = Field(default=5_000, ge=1)
     # A run waits at most this long after its requests were published; then it reports and fails.
     campaign_deadline_s: float = Field(default=6 * 3600, gt=0)
     # Seconds between two checks of the job states (reschedule-mode sensor).
@@ -287,7 +305,7 @@ class Settings(BaseSettings):
     # Development only: accept http webhook URLs on loopback (127.0.0.0/8, ::1, localhost).
     intake_allow_loopback_webhooks: bool = False
     # A SQL audience returning more rows than this is refused (the campaign is not sent).
-    audience_max_rows: int = Field(default=100_000, ge=1)
+    audience_max_rows: int = Field(default=10_000_000, ge=1)
     # A SQL audience query running longer than this is cancelled.
     audience_statement_timeout_s: float = Field(default=30.0, gt=0, le=3600)
 

@@ -348,7 +348,7 @@ class ApiService:
             raise ApiError(422, "Unprocessable Content", str(exc)) from None
         return CampaignAccepted(
             campaign_id=res.campaign_id,
-            jobs=len(res.job_ids),
+            jobs=res.total,
             created=res.created,
             requested=res.requested,
             already_final=res.already_final,

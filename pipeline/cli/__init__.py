@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from pipeline.workers import ALL_ROLES, SWEEP, WEBHOOK
 # Keep this list explicit (no entry-point magic) so `greetflow --help` is predictable.
 COMMAND_MODULES: tuple[str, ...] = (
     "pipeline.cli.moderation",  # consent, likeness, verify, provenance, moderation
-    "pipeline.cli.render",  # template validate/list/preview, render, bench render
+    "pipeline.cli.render",  # template validate/list/preview, render
+    "pipeline.cli.bench",  # bench render|faults|scale|latency
     "pipeline.cli.review",  # review add-user, serve, escalate
     "pipeline.cli.stack",  # stack init, stack check
     "pipeline.cli.campaign",  # campaign status [--watch]
@@ -107,16 +109,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 UNFINISHED_EXIT = 3
 
 
+# `greetflow submit --wait` lists the jobs one by one only for a campaign this small.
+SUBMIT_TABLE_MAX_JOBS = 50
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.bootstrap import Container
-    from pipeline.campaigns import load_brief, summarize_jobs
+    from pipeline.campaigns import load_brief
 
     brief = load_brief(Path(args.brief))
     container = Container(get_settings())
     try:
         result = container.campaigns().submit_brief(brief)
         print(
-            f"campaign {result.campaign_id}: {len(result.job_ids)} jobs, {result.created} new, "
+            f"campaign {result.campaign_id}: {result.total} jobs, {result.created} new, "
             f"{result.requested} render requests sent, {result.already_final} already final"
         )
         if result.webhook_secret is not None:
@@ -129,16 +135,53 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
             with ProgressView() as view:
                 shown = ThrottledProgress(container.progress_service(), result.campaign_id, view)
-                records = container.campaigns().wait(result.job_ids, timeout_s=args.wait, on_progress=shown)
+                counts = container.campaigns().wait_campaign(
+                    result.campaign_id, expected=result.total, timeout_s=args.wait, on_progress=shown
+                )
                 shown.flush()
-            _print_jobs(records)
-            summary = summarize_jobs(result.job_ids, records)
-            if summary.unfinished:
-                print(f"after {args.wait:g} s: {summary.describe()}", file=sys.stderr)
+            _print_counts(counts)
+            if result.total <= SUBMIT_TABLE_MAX_JOBS:
+                _print_jobs(
+                    container.jobs.list_jobs(campaign_id=result.campaign_id, limit=SUBMIT_TABLE_MAX_JOBS)
+                )
+            unfinished = _unfinished(result.total, counts)
+            if unfinished:
+                print(f"after {args.wait:g} s: {unfinished}", file=sys.stderr)
                 return UNFINISHED_EXIT
     finally:
         container.close()
     return 0
+
+
+def _unfinished(expected: int, counts: Mapping[Any, int]) -> str:
+    """What is left of a campaign of `expected` jobs, from its counts by state ("": nothing)."""
+    from schemas.jobs import FINAL_STATES, JobState
+
+    by_state = {JobState(st): n for st, n in counts.items() if n}
+    shown = {st.value: n for st, n in by_state.items()}
+    missing = max(expected - sum(by_state.values()), 0)
+    if missing:
+        shown["missing"] = missing
+    left = missing + sum(n for st, n in by_state.items() if st not in FINAL_STATES)
+    if not left:
+        return ""
+    listed = ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+    failed = by_state.get(JobState.FAILED, 0)
+    return f"{left} of {max(expected, sum(by_state.values()))} jobs unfinished ({listed}); {failed} failed"
+
+
+def _print_counts(counts: Mapping[Any, int]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("state")
+    table.add_column("jobs", justify="right")
+    for st, n in counts.items():
+        if n:
+            table.add_row(str(getattr(st, "value", st)), str(n))
+    table.add_row("total", str(sum(counts.values())))
+    Console().print(table)
 
 
 def _print_jobs(records: Sequence[Any]) -> None:
@@ -158,10 +201,35 @@ def _print_jobs(records: Sequence[Any]) -> None:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from pipeline.bootstrap import Container
+    from pipeline.repositories import CursorNotFound
+    from schemas.jobs import JobState
 
+    try:
+        states = [JobState(st) for st in args.state] if args.state else None
+    except ValueError:
+        known = ", ".join(st.value for st in JobState)
+        raise GreetflowError(f"unknown state in --state {' '.join(args.state)}: one of {known}") from None
+    if args.limit < 1:
+        raise GreetflowError("--limit must be at least 1")
     container = Container(get_settings())
     try:
-        _print_jobs(container.jobs.list_jobs(campaign_id=args.campaign, limit=args.limit))
+        try:
+            page = container.jobs.list_jobs(
+                campaign_id=args.campaign, states=states, limit=args.limit, after=args.after
+            )
+        except CursorNotFound as exc:
+            raise GreetflowError(f"--after: {exc}") from None
+        except ValueError:
+            raise GreetflowError(f"--after {args.after!r} is not a job id") from None
+        _print_jobs(page)
+        if len(page) == args.limit:
+            again = ["greetflow", "jobs"]
+            if args.campaign is not None:
+                again += ["--campaign", args.campaign]
+            for st in args.state or ():
+                again += ["--state", st]
+            again += ["--limit", str(args.limit), "--after", str(page[-1].job_id)]
+            print(f"next page: {' '.join(shlex.quote(a) for a in again)}")
     finally:
         container.close()
     return 0
@@ -247,9 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.set_defaults(func=cmd_submit)
 
-    jobs = sub.add_parser("jobs", help="list jobs and their states")
+    jobs = sub.add_parser("jobs", help="list jobs and their states, a page at a time (oldest first)")
     jobs.add_argument("--campaign", default=None)
-    jobs.add_argument("--limit", type=int, default=200)
+    jobs.add_argument(
+        "--state", action="append", default=None, metavar="STATE", help="only jobs in STATE (repeatable)"
+    )
+    jobs.add_argument("--limit", type=int, default=50, help="jobs per page (default 50)")
+    jobs.add_argument(
+        "--after", default=None, metavar="JOB_ID", help="the page after this job (the hint under a page)"
+    )
     jobs.set_defaults(func=cmd_jobs)
 
     schema = sub.add_parser("schema", help="contracts")

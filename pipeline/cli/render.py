@@ -1,9 +1,8 @@
-"""`greetflow template ...`, `greetflow render ...` and `greetflow bench render ...`."""
+"""`greetflow template ...` and `greetflow render ...`."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import uuid
 from pathlib import Path
@@ -125,45 +124,6 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_render(args: argparse.Namespace) -> int:
-    from pipeline.render.bench import run_bench
-
-    def say(msg: str) -> None:
-        print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
-
-    result = run_bench(
-        args.recipients,
-        template=args.template,
-        naive_count=args.naive,
-        photo=not args.no_photo,
-        threads=get_settings().ffmpeg_threads,
-        size=args.size,
-        say=say,
-    )
-    if args.json:
-        print(json.dumps(result, ensure_ascii=False))
-    else:
-        for k, v in result.items():
-            print(f"{k}: {v}")
-    return 0
-
-
-def cmd_bench_faults(args: argparse.Namespace) -> int:
-    from pipeline.bench_faults import run_bench
-    from pipeline.bootstrap import Container
-
-    def say(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    result = run_bench(args.jobs, make_container=Container, say=say)
-    if args.json:
-        print(json.dumps(result, ensure_ascii=False))
-    else:
-        for name, row in {**result["scenarios"], "total": result["total"]}.items():
-            print(f"{name}: {row}")
-    return 0
-
-
 def register(sub: Any) -> None:
     tpl = sub.add_parser("template", help="greeting templates: validate, list, preview")
     tsub = tpl.add_subparsers(dest="template_command", required=True)
@@ -194,17 +154,3 @@ def register(sub: Any) -> None:
     rn.add_argument("--out", required=True)
     rn.set_defaults(func=cmd_render)
 
-    bench = sub.add_parser("bench", help="benchmarks")
-    bsub = bench.add_subparsers(dest="bench_command", required=True)
-    br = bsub.add_parser("render", help="render-once engine vs naive moviepy vs the encode floor")
-    br.add_argument("--recipients", type=int, default=20)
-    br.add_argument("--template", default="lunar-new-year")
-    br.add_argument("--naive", type=int, default=None, help="naive clips to render (default: all)")
-    br.add_argument("--no-photo", action="store_true")
-    br.add_argument("--size", type=_size, default=None)
-    br.add_argument("--json", action="store_true")
-    br.set_defaults(func=cmd_bench_render)
-    bf = bsub.add_parser("faults", help="kill -9 a render worker, the moderator, the publisher mid-batch")
-    bf.add_argument("--jobs", type=int, default=30, help="jobs per scenario")
-    bf.add_argument("--json", action="store_true", help="last stdout line: the result as JSON")
-    bf.set_defaults(func=cmd_bench_faults)

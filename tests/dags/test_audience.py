@@ -178,3 +178,26 @@ def test_parse_subjects_forms() -> None:
     ]
     with pytest.raises(ValueError):
         parse_subjects("a")
+
+
+def test_a_duplicate_in_a_later_chunk_names_its_row_and_no_chunk_is_returned() -> None:
+    rows = "".join(f"r-{i},Name {i},en\n" for i in range(1, 8)) + "r-2,Again,en\nr-9,Nine,en\n"
+    with pytest.raises(AudienceError) as err:
+        resolve(brief(audience_key="a.csv"), {"a.csv": b"id,name,locale\n" + rows.encode()}, chunk=3)
+    assert "1 invalid row(s)" in str(err.value)
+    assert "row 9: duplicate recipient id 'r-2'" in str(err.value)
+
+
+def test_seen_ids_find_repeats_across_batches_in_eight_bytes_an_id() -> None:
+    from pipeline.audience import _SeenIds
+
+    seen = _SeenIds()
+    for batch in range(20):
+        assert all(seen.add(i, f"id-{i}") for i in range(batch * 500, (batch + 1) * 500))
+        assert seen.flush() == []
+    assert seen.count == 10_000
+    assert sum(run.nbytes for run in seen._runs) == 8 * 10_000
+    assert len(seen._runs) <= 5  # merged like a binary counter
+    assert seen.add(20_000, "id-7") and seen.add(20_001, "new") and not seen.add(20_002, "new")
+    assert seen.flush() == [(20_000, "id-7")]
+    assert seen.count == 10_001

@@ -88,9 +88,13 @@ def test_csv_and_parquet_audiences_resolve_submit_track_and_report(
         data = json.loads(store.get_bytes(s.bucket_reports, written.json_key))
         assert data["audience"] == {"source": run.audience, "recipients": n}
 
-        # A retried chunk creates nothing; its jobs are not final yet, so they are requested
-        # again (the render worker treats a repeated request as a no-op).
-        again = svc.submit_part(run, resolved.parts[0].key)
+        # Submitted again on a first try (a re-run) the chunk creates and requests nothing:
+        # its jobs are fresh, not lost. A retry (the try before may have died between its
+        # rows and its sends) requests every job of the chunk that is not final; the render
+        # worker treats a repeated request as a no-op.
+        rerun = svc.submit_part(run, resolved.parts[0].key)
+        assert (rerun["created"], rerun["requested"]) == (0, 0)
+        again = svc.submit_part(run, resolved.parts[0].key, retry=True)
         assert (again["created"], again["requested"]) == (0, 4)
 
     messages = consume_all(s, RENDER_REQUESTS, expect=10 + 4 + 5 + 4)

@@ -18,6 +18,7 @@ ENTRY_POINTS = frozenset(
     {
         "pipeline.cli",
         "pipeline.cli.render",
+        "pipeline.cli.bench",
         "pipeline.cli.moderation",
         "pipeline.cli.review",
         "pipeline.cli.stack",
@@ -40,7 +41,9 @@ ADAPTER_DEPENDENCIES = frozenset(
     }
 )
 # The dev stack needs the `dev` extra: only these (and pipeline.dev itself) may import it.
-DEV_STACK_USERS = frozenset({"pipeline.cli", "pipeline.demo", "pipeline.bench_faults"})
+DEV_STACK_USERS = frozenset(
+    {"pipeline.cli", "pipeline.demo", "pipeline.bench_faults", "pipeline.bench_scale"}
+)
 
 
 def _within(name: str, prefix: str) -> bool:

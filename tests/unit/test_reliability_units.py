@@ -110,6 +110,24 @@ class FakeCampaigns:
             on_progress({})
         return self.records
 
+    def wait_campaign(
+        self, campaign_id: str, *, expected: int, timeout_s: float, on_progress: Any = None
+    ) -> dict[JobState, int]:
+        if on_progress is not None:
+            on_progress({})
+        counts = dict.fromkeys(JobState, 0)
+        for r in self.records:
+            counts[r.state] += 1
+        return counts
+
+
+@dataclass
+class FakeJobs:
+    records: list[JobRecord]
+
+    def list_jobs(self, campaign_id: str | None = None, limit: int = 1000, **_: Any) -> list[JobRecord]:
+        return self.records[:limit]
+
 
 class FakeProgress:
     """`Container.progress_service()` for the fake: a snapshot of the fake's records."""
@@ -148,7 +166,7 @@ def test_submit_wait_exits_non_zero_with_unfinished_jobs(
 
     class FakeContainer:
         def __init__(self, settings: Any) -> None:
-            pass
+            self.jobs = FakeJobs(campaigns.records)
 
         def campaigns(self) -> FakeCampaigns:
             return campaigns

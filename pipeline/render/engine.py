@@ -8,11 +8,14 @@ A clip is three segments: intro [0, p0), personal [p0, p1), outro [p1, D).
   the personal window's shared frames as a raw yuv420p "plate", and the music bed with
   its effects.
 - Per recipient: draw the personal stills (name, photo, captions), speak the voice line,
-  overlay the stills on the plate and encode ONLY the personal frames (plus the poster in
-  the same pass); join intro + personal + outro with the concat demuxer and stream copy
-  (every segment starts with an IDR frame and has closed GOPs); mix the whole soundtrack
-  in one continuous pass (voice over the ducked bed, loudness normalized, true peak
-  limited) and mux it with the joined video, encoding the audio once.
+  overlay the stills on the plate and encode ONLY the personal frames, in chunks encoded
+  side by side (at most one per keyframe interval); join intro + chunks + outro with the
+  concat demuxer and stream copy (every segment starts with an IDR frame and has closed
+  GOPs); mix the whole soundtrack in one continuous pass (voice over the ducked bed,
+  loudness normalized, true peak limited) and mux it with the joined video, encoding the
+  audio once.
+- An identical recipient (same name, locale, photo content, template and settings) reuses
+  the encoded personal segment, its soundtrack and poster (`<cache>/personal/`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -34,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -69,6 +74,7 @@ from pipeline.render.layout import VoiceDoesNotFit, fit_voice
 from pipeline.render.media import (
     RenderError,
     aac_args,
+    available_cpus,
     ffmpeg_exe,
     has_faststart,
     raw_input_args,
@@ -113,6 +119,9 @@ from schemas.template import (
 log = logging.getLogger(__name__)
 
 ENGINE_VERSION = "1"
+# The layout of a cached personal segment (`<cache>/personal/<xx>/<key>/`).
+PERSONAL_VERSION = "1"
+PERSONAL_PRUNE_EVERY = 64  # stores between two size checks of the personal-segment cache
 SLIDE_S = 0.9  # text slides in over this long
 BT709_PARAMS = "setparams=range=tv:colorspace=bt709:color_primaries=bt709:color_trc=bt709"
 
@@ -339,6 +348,9 @@ class TemplateRenderer:
         cache_max_bytes: int = 20 * 2**30,
         timeout_s: float = 600.0,
         videos: VideoPlates | None = None,
+        encode_jobs: int = 0,
+        dedup: bool = True,
+        dedup_max_bytes: int = 2 * 2**30,
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.videos = videos
@@ -352,6 +364,12 @@ class TemplateRenderer:
         self.variant = variant
         self.cache_max_bytes = cache_max_bytes
         self.timeout_s = timeout_s
+        # x264 processes one personal segment is split over; 0: one per CPU
+        self.encode_jobs = encode_jobs
+        # reuse the personal segment of an identical recipient (name, locale, photo, template)
+        self.dedup = dedup
+        self.dedup_max_bytes = dedup_max_bytes
+        self._personal_stores = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -430,57 +448,50 @@ class TemplateRenderer:
         name = req.recipient.name
         drawn: list[tuple[str, str]] = []
 
+        animate = may_animate(req.recipient.subjects)
+        dedup_key = self._personal_key(lt, seg, name, photo, animate) if self.dedup else None
+
         with tempfile.TemporaryDirectory(prefix=".render-", dir=out_dir) as tmp_s:
             tmp = Path(tmp_s)
-            # voice first: its timing places the captions
-            t0 = time.perf_counter()
-            speech, cues = self._voice(t, locale, name, seg)
-            timings["tts"] = time.perf_counter() - t0
-            personal = tmp / "personal.mp4"
             poster_tmp = tmp / "poster.jpg"
-            # the soundtrack (mix + AAC encode) and the poster run beside the drawing and
-            # the video encode (x264 on a short segment leaves CPU idle)
-            bed_path = seg.bed
-            voice_start = t.audio.voice.start if t.audio.voice is not None else 0.0
-
-            def soundtrack() -> tuple[audio_mod.MixResult, Path]:
-                t1 = time.perf_counter()
-                bed = np.load(bed_path)
-                mixed = audio_mod.mix(
-                    bed,
-                    speech.samples if speech else None,
-                    voice_start,
-                    list(speech.spans) if speech else [],
-                    t.audio,
+            hit = self._personal_cache_get(dedup_key, tmp) if dedup_key is not None else None
+            if hit is not None:
+                parts, m4a, personal_meta = hit
+                os.replace(tmp / "cached-poster.jpg", poster_tmp)
+                cues = [Cue(float(c[0]), float(c[1]), str(c[2])) for c in personal_meta["cues"]]
+                drawn = [(str(a), str(b)) for a, b in personal_meta["drawn"]]
+                name_box = _box_or_none(personal_meta["name_box"])
+                photo_box = _box_or_none(personal_meta["photo_box"])
+                mix_lufs = float(personal_meta["lufs"])
+                mix_tp = float(personal_meta["true_peak_db"])
+                stills: list[Still] = []
+                timings["dedup_hit"] = 1.0
+            else:
+                parts, m4a, cues, stills, name_box, photo_box, mixed = self._render_personal(
+                    lt, seg, req, photo, tmp, poster_tmp, drawn, animate, timings
                 )
-                wav = audio_mod.write_wav(tmp / "mix.wav", mixed.samples)
-                m4a = tmp / "mix.m4a"
-                run_ffmpeg(
-                    ["-y", "-i", str(wav), *aac_args(SAMPLE_RATE), "-vn", str(m4a)], timeout=self.timeout_s
-                )
-                timings["audio"] = time.perf_counter() - t1
-                return mixed, m4a
-
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                audio_job = pool.submit(soundtrack)
-                t0 = time.perf_counter()
-                animate = may_animate(req.recipient.subjects)
-                stills, name_box, photo_box, poster_t = self._personal_stills(
-                    lt, locale, var, name, photo, cues, drawn=drawn, animate=animate
-                )
-                timings["draw"] = time.perf_counter() - t0
-                poster_job = pool.submit(write_poster, seg, stills, poster_t, poster_tmp)
-                t0 = time.perf_counter()
-                self._encode_personal(seg, stills, personal, None, poster_t)
-                timings["encode_personal"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                mixed, m4a = audio_job.result()
-                poster_job.result()
-                timings["wait_audio"] = time.perf_counter() - t0
+                mix_lufs, mix_tp = mixed.lufs, mixed.true_peak_db
+                if dedup_key is not None:
+                    t0 = time.perf_counter()
+                    self._personal_cache_put(
+                        dedup_key,
+                        parts,
+                        m4a,
+                        poster_tmp,
+                        {
+                            "cues": [[c.start, c.end, c.text] for c in cues],
+                            "drawn": [list(d) for d in drawn],
+                            "name_box": list(name_box) if name_box else None,
+                            "photo_box": list(photo_box) if photo_box else None,
+                            "lufs": mix_lufs,
+                            "true_peak_db": mix_tp,
+                        },
+                    )
+                    timings["dedup_store"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             video = out_dir / f"{stem}.mp4"
             tmp_video = tmp / "out.mp4"
-            self._join(seg, personal, m4a, tmp_video)
+            self._join(seg, parts, m4a, tmp_video)
             if not has_faststart(tmp_video):
                 raise RenderError(f"joined clip {tmp_video} is not faststart")
             os.replace(tmp_video, video)
@@ -505,14 +516,184 @@ class TemplateRenderer:
             cues=tuple(cues),
             name_box=name_box,
             photo_box=photo_box,
-            lufs=mixed.lufs,
-            true_peak_db=mixed.true_peak_db,
+            lufs=mix_lufs,
+            true_peak_db=mix_tp,
             timings=timings,
             segments_key=seg.key,
             generation=generation,
             drawn_texts=tuple(drawn),
             merge_values=merge_values(name),
         )
+
+    def _render_personal(
+        self,
+        lt: LoadedTemplate,
+        seg: SharedSegments,
+        req: RenderRequested,
+        photo: Path | None,
+        tmp: Path,
+        poster_tmp: Path,
+        drawn: list[tuple[str, str]],
+        animate: bool,
+        timings: dict[str, float],
+    ) -> tuple[
+        list[Path],
+        Path,
+        list[Cue],
+        list[Still],
+        tuple[int, int, int, int] | None,
+        tuple[int, int, int, int] | None,
+        audio_mod.MixResult,
+    ]:
+        """Speak, draw and encode one recipient's personal segment (the chunks of its
+        video, its soundtrack as AAC, its poster)."""
+        t = lt.template
+        locale = req.locale
+        var = seg.variant
+        name = req.recipient.name
+        # voice first: its timing places the captions
+        t0 = time.perf_counter()
+        speech, cues = self._voice(t, locale, name, seg)
+        timings["tts"] = time.perf_counter() - t0
+        personal = tmp / "personal.mp4"
+        # the soundtrack (mix + AAC encode) and the poster run beside the drawing and
+        # the video encode
+        bed_path = seg.bed
+        voice_start = t.audio.voice.start if t.audio.voice is not None else 0.0
+
+        def soundtrack() -> tuple[audio_mod.MixResult, Path]:
+            t1 = time.perf_counter()
+            bed = np.load(bed_path)
+            mixed = audio_mod.mix(
+                bed,
+                speech.samples if speech else None,
+                voice_start,
+                list(speech.spans) if speech else [],
+                t.audio,
+            )
+            wav = audio_mod.write_wav(tmp / "mix.wav", mixed.samples)
+            m4a = tmp / "mix.m4a"
+            run_ffmpeg(
+                ["-y", "-i", str(wav), *aac_args(SAMPLE_RATE), "-vn", str(m4a)], timeout=self.timeout_s
+            )
+            timings["audio"] = time.perf_counter() - t1
+            return mixed, m4a
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            audio_job = pool.submit(soundtrack)
+            t0 = time.perf_counter()
+            stills, name_box, photo_box, poster_t = self._personal_stills(
+                lt, locale, var, name, photo, cues, drawn=drawn, animate=animate
+            )
+            timings["draw"] = time.perf_counter() - t0
+            poster_job = pool.submit(write_poster, seg, stills, poster_t, poster_tmp)
+            t0 = time.perf_counter()
+            parts = self._encode_personal(seg, stills, personal, None, poster_t)
+            timings["encode_personal"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            mixed, m4a = audio_job.result()
+            poster_job.result()
+            timings["wait_audio"] = time.perf_counter() - t0
+        return parts, m4a, cues, stills, name_box, photo_box, mixed
+
+    # ------------------------------------------------------------------ personal segment cache
+
+    def _personal_key(
+        self, lt: LoadedTemplate, seg: SharedSegments, name: str, photo: Path | None, animate: bool
+    ) -> str | None:
+        """Content hash of everything one recipient's personal segment depends on (the
+        shared segments' key covers template, locale, variant, generator, encoder and
+        fonts); None when the segment is not reusable (an animated photo)."""
+        t = lt.template
+        if animate and photo is not None and any(isinstance(la, LivingPhotoLayer) for la in t.layers):
+            return None
+        tts = self.tts
+        payload = {
+            "engine": ENGINE_VERSION,
+            "personal": PERSONAL_VERSION,
+            "segments": seg.key,
+            "name": name,
+            "photo": sha256_file(photo) if photo is not None else None,
+            "animate": animate,
+            # the TTS's settings (its public attributes), not its caches
+            "tts": [
+                type(tts).__module__,
+                type(tts).__qualname__,
+                getattr(tts, "name", ""),
+                repr({k: v for k, v in sorted(vars(tts).items()) if not k.startswith("_")}),
+            ],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:40]
+
+    def _personal_cache_get(self, key: str, tmp: Path) -> tuple[list[Path], Path, dict[str, Any]] | None:
+        """Hard links (in tmp) to a cached personal segment's files, or None. Linking first
+        means a concurrent prune cannot pull a file from under the join."""
+        entry = self.cache_dir / "personal" / key[:2] / key
+        try:
+            meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+            names = [str(x) for x in meta["parts"]]
+            parts = []
+            for i, part in enumerate(names):
+                dst = tmp / f"cached-{i}.mp4"
+                os.link(entry / part, dst)
+                parts.append(dst)
+            m4a = tmp / "cached-mix.m4a"
+            os.link(entry / "mix.m4a", m4a)
+            os.link(entry / "poster.jpg", tmp / "cached-poster.jpg")
+            os.utime(entry / "meta.json")
+        except (OSError, ValueError, KeyError, TypeError):
+            for p in tmp.glob("cached-*"):
+                p.unlink(missing_ok=True)
+            return None
+        return parts, m4a, meta
+
+    def _personal_cache_put(
+        self, key: str, parts: Sequence[Path], m4a: Path, poster: Path, meta: dict[str, object]
+    ) -> None:
+        """Store a personal segment: built in a temporary folder, renamed into place (the
+        first of two concurrent writers wins, the other's copy is dropped)."""
+        root = self.cache_dir / "personal" / key[:2]
+        final = root / key
+        if (final / "meta.json").is_file():
+            return
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".put-{key}-", dir=root))
+        try:
+            names = []
+            for i, p in enumerate(parts):
+                names.append(f"part{i}.mp4")
+                shutil.copyfile(p, work / names[-1])
+            shutil.copyfile(m4a, work / "mix.m4a")
+            shutil.copyfile(poster, work / "poster.jpg")
+            (work / "meta.json").write_text(json.dumps({**meta, "parts": names}), encoding="utf-8")
+            try:
+                os.replace(work, final)
+            except OSError:
+                return  # another worker stored the same segment first
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        self._personal_stores += 1
+        if self._personal_stores % PERSONAL_PRUNE_EVERY == 1:
+            self._prune_personal()
+
+    def _prune_personal(self) -> None:
+        """Drop the least recently used personal segments beyond dedup_max_bytes."""
+        root = self.cache_dir / "personal"
+        entries = []
+        total = 0
+        for meta in root.glob("*/*/meta.json"):
+            try:
+                d = meta.parent
+                size = sum(f.stat().st_size for f in d.iterdir())
+                entries.append((meta.stat().st_mtime, size, d))
+            except OSError:
+                continue
+            total += size
+        for _, size, d in sorted(entries):
+            if total <= self.dedup_max_bytes:
+                break
+            shutil.rmtree(d, ignore_errors=True)
+            total -= size
 
     # ------------------------------------------------------------------ shared segments
 
@@ -1137,53 +1318,97 @@ class TemplateRenderer:
         poster_t: float,
         *,
         raw: bool = False,
-    ) -> None:
-        """Overlay the personal stills on the plate and encode only these frames (raw=True:
-        write the composited frames as raw yuv420p instead, for the benchmark's floor)."""
+    ) -> list[Path]:
+        """Overlay the personal stills on the plate and encode only these frames, in
+        chunks encoded side by side (raw=True: write the composited frames as one raw
+        yuv420p file instead, for the benchmark's floor). The encoded files, in order."""
         var = seg.variant
-        fps, w, h = var.fps, var.width, var.height
+        fps = var.fps
         n = seg.n1 - seg.n0
-        inputs = raw_input_args(seg.plate, w, h, "yuv420p", fps)
+        jobs = self.encode_jobs or available_cpus()
+        chunks = [(0, n)] if raw else encode_chunks(n, jobs, fps, stills, seg.p0)
+        threads = (
+            self.threads if self.threads > 0 else (0 if len(chunks) == 1 else max(1, jobs // len(chunks)))
+        )
+        outs = (
+            [out]
+            if len(chunks) == 1
+            else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(chunks))]
+        )
         with tempfile.TemporaryDirectory(prefix=".stills-", dir=out.parent) as d:
+            files: dict[int, Path] = {}
             for k, s in enumerate(stills):
-                ih, iw = s.image.shape[:2]
-                inputs += raw_input_args(
-                    s.video if s.video is not None else write_raw_frame(Path(d) / f"p{k}.raw", s.image),
-                    iw,
-                    ih,
-                    "rgba" if s.alpha else "rgb24",
-                    fps,
+                files[k] = s.video if s.video is not None else write_raw_frame(Path(d) / f"p{k}.raw", s.image)
+            cmds = [
+                self._overlay_args(
+                    seg, stills, files, a, b, dst, raw=raw, threads=threads, whole=len(chunks) == 1
                 )
-            # the plate is raw yuv: say what it is (BT.709, limited range), or ffmpeg would
-            # treat it as BT.601 and convert it, shifting colours at the segment joins
-            lines = [f"[0:v]{BT709_PARAMS},setpts=N/({fps}*TB)[base]"]
-            chain, cur = overlay_chain("base", stills, 1, fps, seg.p0, seg.p1)
-            lines += chain
-            codec = (
-                ["-f", "rawvideo", "-pix_fmt", "yuv420p"] if raw else [*x264_args(fps, self.threads), "-an"]
-            )
-            run_ffmpeg(
-                [
-                    "-y",
-                    *inputs,
-                    "-filter_complex",
-                    ";".join(lines),
-                    "-map",
-                    f"[{cur}]",
-                    "-frames:v",
-                    str(n),
-                    "-r",
-                    str(fps),
-                    *codec,
-                    str(out),
-                ],
-                timeout=self.timeout_s,
-            )
+                for (a, b), dst in zip(chunks, outs, strict=True)
+            ]
+            if len(cmds) == 1:
+                run_ffmpeg(cmds[0], timeout=self.timeout_s)
+            else:
+                with ThreadPoolExecutor(max_workers=len(cmds)) as pool:
+                    for f in [pool.submit(run_ffmpeg, c, timeout=self.timeout_s) for c in cmds]:
+                        f.result()
         if poster is not None:
             write_poster(seg, stills, poster_t, poster)
+        return outs
 
-    def _join(self, seg: SharedSegments, personal: Path, audio: Path, out: Path) -> None:
-        parts = [p for p in (seg.intro, personal, seg.outro) if p is not None]
+    def _overlay_args(
+        self,
+        seg: SharedSegments,
+        stills: Sequence[Still],
+        files: dict[int, Path],
+        a: int,
+        b: int,
+        out: Path,
+        *,
+        raw: bool,
+        threads: int,
+        whole: bool,
+    ) -> list[str]:
+        """ffmpeg arguments that composite and encode frames [a, b) of the personal window."""
+        var = seg.variant
+        fps, w, h = var.fps, var.width, var.height
+        frame_bytes = w * h * 3 // 2
+        t0, t1 = (seg.n0 + a) / fps, (seg.n0 + b) / fps
+        inputs: list[str] = []
+        if a:
+            inputs += ["-skip_initial_bytes", str(a * frame_bytes)]
+        inputs += raw_input_args(seg.plate, w, h, "yuv420p", fps)
+        # only the stills this chunk shows
+        shown = [k for k, s in enumerate(stills) if s.start < t1 and (s.end is None or s.end > t0)]
+        for k in shown:
+            s = stills[k]
+            ih, iw = s.image.shape[:2]
+            inputs += raw_input_args(files[k], iw, ih, "rgba" if s.alpha else "rgb24", fps)
+        # the plate is raw yuv: say what it is (BT.709, limited range), or ffmpeg would
+        # treat it as BT.601 and convert it, shifting colours at the segment joins
+        lines = [f"[0:v]{BT709_PARAMS},setpts=N/({fps}*TB)[base]"]
+        chain, cur = overlay_chain("base", [stills[k] for k in shown], 1, fps, t0, t1)
+        lines += chain
+        codec = ["-f", "rawvideo", "-pix_fmt", "yuv420p"] if raw else [*x264_args(fps, threads), "-an"]
+        # one chunk of several: its filter graph on one thread, the cores go to x264
+        graph_threads = [] if whole else ["-filter_complex_threads", "1"]
+        return [
+            "-y",
+            *graph_threads,
+            *inputs,
+            "-filter_complex",
+            ";".join(lines),
+            "-map",
+            f"[{cur}]",
+            "-frames:v",
+            str(b - a),
+            "-r",
+            str(fps),
+            *codec,
+            str(out),
+        ]
+
+    def _join(self, seg: SharedSegments, personal: Sequence[Path], audio: Path, out: Path) -> None:
+        parts = [p for p in (seg.intro, *personal, seg.outro) if p is not None]
         listing = out.with_suffix(".txt")
         listing.write_text("".join(f"file '{_concat_quote(p)}'\n" for p in parts), encoding="utf-8")
         duration = seg.n_frames / seg.variant.fps
@@ -1295,7 +1520,59 @@ def renderer_from_settings(settings: Settings) -> TemplateRenderer:
         fps=settings.render_fps,
         variant=variant,
         cache_max_bytes=int(settings.render_cache_max_gb * 2**30),
+        encode_jobs=settings.render_encode_jobs,
+        dedup=settings.render_dedup,
+        dedup_max_bytes=int(settings.render_dedup_max_gb * 2**30),
     )
+
+
+def _box_or_none(v: object) -> tuple[int, int, int, int] | None:
+    if not isinstance(v, list) or len(v) != 4:
+        return None
+    return (int(v[0]), int(v[1]), int(v[2]), int(v[3]))
+
+
+def _fading_at(stills: Sequence[Still], t: float) -> bool:
+    """True when a still is part-way through a fade at global time t."""
+    for s in stills:
+        if s.fade_in > 0 and s.start < t < s.start + s.fade_in:
+            return True
+        if s.fade_out > 0 and s.end is not None and s.end - s.fade_out < t < s.end:
+            return True
+    return False
+
+
+def encode_chunks(n: int, jobs: int, fps: int, stills: Sequence[Still], t0: float) -> list[tuple[int, int]]:
+    """Frame ranges [a, b) of a personal segment of n frames starting at global time t0,
+    encoded by separate x264 processes. At most one chunk per keyframe interval, so the
+    joined segment has no more IDR frames than one encode would; a cut never falls where
+    a still is part-way through a fade (ffmpeg's fade cannot start half done); a moving
+    photo layer keeps the segment whole."""
+    k = max(1, min(jobs, math.ceil(n / (2 * fps))))
+    if k == 1 or any(s.video is not None for s in stills):
+        return [(0, n)]
+    # the concat demuxer places each file at the sum of the previous durations in
+    # microseconds: a chunk must last a whole number of them, or the join jitters
+    step = fps // math.gcd(fps, 1_000_000)
+    cuts = [0]
+    for i in range(1, k):
+        want = round(n * i / k)
+        for d in range(0, n):
+            c = next(
+                (
+                    c
+                    for c in (want - d, want + d)
+                    if cuts[-1] + fps // 2 <= c <= n - fps // 2
+                    and c % step == 0
+                    and not _fading_at(stills, t0 + c / fps)
+                ),
+                None,
+            )
+            if c is not None:
+                cuts.append(c)
+                break
+    cuts.append(n)
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
 
 
 def _concat_quote(p: Path) -> str:

@@ -8,6 +8,7 @@ imageio-ffmpeg ships an ffmpeg binary but no ffprobe, so stream info is parsed f
 from __future__ import annotations
 
 import math
+import os
 import re
 import struct
 import subprocess
@@ -84,6 +85,14 @@ def _short(cmd: Sequence[str], limit: int = 600) -> str:
 
 
 # --------------------------------------------------------------------------- encode
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's or taskset's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def x264_args(fps: int, threads: int = 0) -> list[str]:

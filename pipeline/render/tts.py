@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import threading
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -212,10 +213,27 @@ def _trim(x: np.ndarray, sr: int, threshold: float = 0.01) -> np.ndarray:
     return x[max(0, loud[0] - pad) : min(x.size, loud[-1] + pad)]
 
 
+@lru_cache(maxsize=8)
+def _resample_filter(up: int, down: int) -> np.ndarray:
+    """scipy's own `resample_poly` low-pass (Kaiser, beta 5), designed once per ratio
+    instead of on every call."""
+    from scipy.signal import firwin
+
+    max_rate = max(up, down)
+    return np.asarray(firwin(2 * 10 * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0)))
+
+
 class EspeakTTS:
-    """Offline speech with eSpeak NG. Output is resampled to `sample_rate` (48 kHz)."""
+    """Offline speech with eSpeak NG. Output is resampled to `sample_rate` (48 kHz).
+
+    The fixed words of a template are the same for every recipient, so each part's audio is
+    kept in a small per-instance cache; only a name not heard recently is synthesized.
+    `timing_only`: the samples are silence of the exact length the real audio would have,
+    for intake checks that need only the durations (fitting a name into a voice line)."""
 
     name = "espeak-ng"
+    # Bytes of part audio kept (48 kHz float32: about 5 s of speech per MB).
+    CACHE_BYTES = 16 * 1024 * 1024
 
     def __init__(
         self,
@@ -224,15 +242,49 @@ class EspeakTTS:
         words_per_minute: int = 165,
         pitch: int = 55,
         gap_s: float = 0.12,
+        timing_only: bool = False,
     ) -> None:
         self.sample_rate = sample_rate
         self.words_per_minute = words_per_minute
         self.pitch = pitch
         self.gap_s = gap_s
+        self.timing_only = timing_only
+        # audio per part, or (timing_only) its length in samples
+        self._parts: OrderedDict[tuple[str, Locale, int], np.ndarray | int] = OrderedDict()
+        self._cached_bytes = 0
+
+    def _part(self, eng: _Espeak, text: str, locale: Locale, wpm: int) -> np.ndarray:
+        key = (text, locale, wpm)
+        hit = self._parts.get(key)
+        if hit is not None:
+            self._parts.move_to_end(key)
+            return np.zeros(hit, np.float32) if isinstance(hit, int) else hit
+        raw = _trim(eng.synth(text, ESPEAK_VOICES[locale], rate_wpm=wpm, pitch=self.pitch), eng.sample_rate)
+        if raw.size == 0:
+            raise RenderError(f"eSpeak NG produced no sound for {text!r} ({locale.value})")
+        g = np.gcd(self.sample_rate, eng.sample_rate)
+        up, down = self.sample_rate // g, eng.sample_rate // g
+        kept: np.ndarray | int
+        if self.timing_only:
+            # resample_poly's output length: ceil(n * up / down)
+            kept = int(-(-raw.size * up // down))
+            audio = np.zeros(kept, np.float32)
+            cost = 64
+        else:
+            from scipy.signal import resample_poly
+
+            h = _resample_filter(up, down).astype(raw.dtype)
+            audio = kept = resample_poly(raw, up, down, window=h).astype(np.float32)
+            audio.setflags(write=False)
+            cost = audio.nbytes
+        self._parts[key] = kept
+        self._cached_bytes += cost
+        while self._cached_bytes > self.CACHE_BYTES and self._parts:
+            _, old = self._parts.popitem(last=False)
+            self._cached_bytes -= 64 if isinstance(old, int) else old.nbytes
+        return audio
 
     def speak(self, parts: Sequence[SpeechPart], *, rate: float = 1.0) -> Speech:
-        from scipy.signal import resample_poly
-
         eng = _espeak()
         wpm = max(80, min(450, round(self.words_per_minute * rate)))
         pieces: list[np.ndarray] = []
@@ -245,12 +297,7 @@ class EspeakTTS:
                 if not text:
                     spans.append((pos / self.sample_rate, pos / self.sample_rate))
                     continue
-                raw = eng.synth(text, ESPEAK_VOICES[part.locale], rate_wpm=wpm, pitch=self.pitch)
-                raw = _trim(raw, eng.sample_rate)
-                if raw.size == 0:
-                    raise RenderError(f"eSpeak NG produced no sound for {text!r} ({part.locale.value})")
-                g = np.gcd(self.sample_rate, eng.sample_rate)
-                audio = resample_poly(raw, self.sample_rate // g, eng.sample_rate // g).astype(np.float32)
+                audio = self._part(eng, text, part.locale, wpm)
                 if i and pieces:
                     pieces.append(gap)
                     pos += gap.size
@@ -261,8 +308,8 @@ class EspeakTTS:
         return Speech(samples=samples, sample_rate=self.sample_rate, spans=tuple(spans))
 
 
-def make_tts(backend: str, *, sample_rate: int = 48_000) -> TTS:
+def make_tts(backend: str, *, sample_rate: int = 48_000, timing_only: bool = False) -> TTS:
     """The TTS for a settings value ('espeak'); other backends plug in here."""
     if backend in ("espeak", "espeak-ng"):
-        return EspeakTTS(sample_rate=sample_rate)
+        return EspeakTTS(sample_rate=sample_rate, timing_only=timing_only)
     raise ValueError(f"unknown TTS backend {backend!r} (known: espeak)")

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -83,7 +84,10 @@ class DetectedFace:
 class FaceEngine:
     """dlib detector + 5-point landmarks + ResNet encoder, loaded once per process.
 
-    dlib objects are not documented as thread-safe, so calls are serialised.
+    dlib objects are not documented as thread-safe, so no object is used by two threads at
+    once: each concurrent detection takes a HOG detector of its own from a pool (they are
+    cheap to build, and dlib releases the GIL while one runs), while the landmarks and the
+    encoder (one loaded model each) are used under a lock.
     """
 
     def __init__(self, models: Path | None = None, *, min_score: float = 0.3) -> None:
@@ -91,7 +95,8 @@ class FaceEngine:
 
         d = models_dir(models)
         self.min_score = min_score
-        self._detector = dlib.get_frontal_face_detector()
+        self._detectors: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._detectors.put(dlib.get_frontal_face_detector())
         self._shape = dlib.shape_predictor(str(d / _MODEL_FILES[0]))
         self._encoder = dlib.face_recognition_model_v1(str(d / _MODEL_FILES[1]))
         self._dlib = dlib
@@ -124,8 +129,15 @@ class FaceEngine:
                     self._cache.move_to_end(key)
                     return list(hit)
         out: list[DetectedFace] = []
+        try:
+            detector = self._detectors.get_nowait()
+        except queue.Empty:
+            detector = self._dlib.get_frontal_face_detector()
+        try:
+            rects, scores, _ = detector.run(img, upsample, 0.0)
+        finally:
+            self._detectors.put(detector)
         with self._lock:
-            rects, scores, _ = self._detector.run(img, upsample, 0.0)
             for rect, score in zip(rects, scores, strict=True):
                 if score < self.min_score:
                     continue

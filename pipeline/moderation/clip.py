@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from pipeline.faces import (
     FaceEngine,
     FaceRegion,
     FaceSighting,
+    Frame,
     LikenessError,
     crop_jpeg,
     faces_in_frame,
@@ -120,17 +123,35 @@ def analyze_clip(
     )
     if not small_face_regions:
         scale = 1.0
-    detector = LabelDetector(threshold=settings.label_match_threshold, label_text=label_text)
+    detector = LabelDetector(threshold=settings.label_match_threshold, label_text=label_text, cache=True)
     sightings: list[FaceSighting] = []
     label_frames: list[tuple[float, LabelSighting | None]] = []
+    threads = max(1, settings.likeness_detect_threads)
+
+    def faces(fr: Frame) -> list[FaceSighting]:
+        return faces_in_frame(
+            engine, fr, keep_crops=keep_crops, regions=small_face_regions, region_scale=scale
+        )
+
     try:
-        for fr in clip.frames:
-            sightings.extend(
-                faces_in_frame(
-                    engine, fr, keep_crops=keep_crops, regions=small_face_regions, region_scale=scale
-                )
-            )
-            label_frames.append((fr.t, detector.find(fr.image, fr.t)))
+        if threads == 1:
+            for fr in clip.frames:
+                sightings.extend(faces(fr))
+                label_frames.append((fr.t, detector.find(fr.image, fr.t)))
+        else:
+            # Frames are searched for faces `threads` at a time while this thread decodes the
+            # next ones and looks for the label (in frame order: the detector follows it from
+            # frame to frame); sightings are collected in frame order. At most 2 * threads
+            # frames wait, so memory stays bounded however long the clip.
+            pending: deque[Future[list[FaceSighting]]] = deque()
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moderate-faces") as pool:
+                for fr in clip.frames:
+                    pending.append(pool.submit(faces, fr))
+                    label_frames.append((fr.t, detector.find(fr.image, fr.t)))
+                    while len(pending) > 2 * threads:
+                        sightings.extend(pending.popleft().result())
+                while pending:
+                    sightings.extend(pending.popleft().result())
     except RenderError as exc:
         raise LikenessError(f"cannot decode the clip {video.name}: {exc}") from exc
     return ClipAnalysis(

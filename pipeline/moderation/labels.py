@@ -12,8 +12,11 @@ assumes is the LabelSpec below (text, single line, light on darker, in the regio
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -119,6 +122,41 @@ def ncc(image: np.ndarray, template: np.ndarray) -> np.ndarray:
     return out
 
 
+_Outcome = tuple[bool, float | None, tuple[int, int, int, int] | None, float]
+
+
+class _SearchCache:
+    """Outcomes of label searches by what decides them: the spec, the threshold, the region
+    and frame height, the size locked from earlier frames, and the region's pixels. A
+    template's shared intro and outro decode to the same pixels in every clip, so their
+    frames are searched once per process; a search of other pixels runs in full."""
+
+    def __init__(self, entries: int = 1024) -> None:
+        self._entries = entries
+        self._data: OrderedDict[tuple[object, ...], _Outcome] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[object, ...]) -> _Outcome | None:
+        with self._lock:
+            hit = self._data.get(key)
+            if hit is not None:
+                self._data.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple[object, ...], value: _Outcome) -> None:
+        with self._lock:
+            self._data[key] = value
+            while len(self._data) > self._entries:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+_SEARCHES = _SearchCache()
+
+
 class LabelDetector:
     """Finds the visible label in frames, coarse-to-fine over text sizes. Keeps the size
     found in one frame to search the next frames of the same clip around it (a clip keeps
@@ -127,9 +165,15 @@ class LabelDetector:
     FINE = (0.94, 0.97, 1.0, 1.03, 1.06)
 
     def __init__(
-        self, spec: LabelSpec | None = None, *, threshold: float = 0.5, label_text: str = VISIBLE_AI_LABEL
+        self,
+        spec: LabelSpec | None = None,
+        *,
+        threshold: float = 0.5,
+        label_text: str = VISIBLE_AI_LABEL,
+        cache: bool = False,
     ) -> None:
-        """`label_text`: the text to look for when no `spec` is given (see expected_label_text)."""
+        """`label_text`: the text to look for when no `spec` is given (see expected_label_text).
+        `cache`: reuse the outcome of a search over pixels searched before (see _SearchCache)."""
         self.spec = spec or LabelSpec(text=label_text)
         self.threshold = threshold
         self._template = _template(self.spec.text)
@@ -141,6 +185,7 @@ class LabelDetector:
         self.sizes: tuple[float, ...] = tuple(sizes)
         self._locked: float | None = None
         self._last_box: tuple[int, int, int, int] | None = None
+        self._cache = _SEARCHES if cache else None
 
     def _match(
         self, gray: Image.Image, size: float, frame_h: int
@@ -172,9 +217,34 @@ class LabelDetector:
         return self._find_in(rgb, region, t)
 
     def _find_in(self, rgb: np.ndarray, region: tuple[int, int, int, int], t: float) -> LabelSighting | None:
-        h = rgb.shape[0]
         x0, y0, x1, y1 = region
-        gray = Image.fromarray(np.ascontiguousarray(rgb[y0:y1, x0:x1])).convert("L")
+        crop = np.ascontiguousarray(rgb[y0:y1, x0:x1])
+        if self._cache is None:
+            return self._search(crop, rgb.shape[0], region, t)
+        key = (
+            self.spec, self.threshold, region, rgb.shape[0], self._locked,
+            hashlib.blake2b(crop.data, digest_size=20).digest(),
+        )  # fmt: skip
+        hit = self._cache.get(key)
+        if hit is not None:
+            found, size, box, score = hit
+            if not found:
+                return None
+            self._locked, self._last_box = size, box
+            return LabelSighting(t=round(t, 3), score=score, box=box)
+        sighting = self._search(crop, rgb.shape[0], region, t)
+        if sighting is None:
+            self._cache.put(key, (False, None, None, 0.0))
+        else:
+            self._cache.put(key, (True, self._locked, sighting.box, sighting.score))
+        return sighting
+
+    def _search(
+        self, crop: np.ndarray, h: int, region: tuple[int, int, int, int], t: float
+    ) -> LabelSighting | None:
+        """The best match in `crop` (the pixels of `region` of a frame `h` high)."""
+        x0, y0 = region[0], region[1]
+        gray = Image.fromarray(crop).convert("L")
         if self._locked is not None:
             centre = self._locked
         else:

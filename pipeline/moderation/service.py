@@ -12,10 +12,14 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from pipeline import metrics
 from pipeline.adapters.storage import ObjectStore, sha256_file, validate_key
@@ -69,7 +73,37 @@ _DECIDED = {
     JobState.NEEDS_REVIEW: Decision.NEEDS_REVIEW,
 }
 
+_T = TypeVar("_T")
+
 Check = Callable[[RenderRequested, ClipRendered, datetime], Sequence[Finding]]
+
+
+class _Phases:
+    """Wall seconds per phase of one moderation (logged, for profiling)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._add(name, time.perf_counter() - t0)
+
+    def timed(self, name: str, fn: Callable[[], _T]) -> _T:
+        with self(name):
+            return fn()
+
+    def line(self) -> str:
+        with self._lock:
+            return " ".join(f"{k}={v:.3f}" for k, v in self.seconds.items())
 
 
 def decide(findings: Sequence[Finding]) -> Decision:
@@ -212,37 +246,36 @@ class ModerationService:
     def _moderate(self, job: JobRecord, clip: ClipRendered) -> list[Finding]:
         req = job.request
         now = utcnow()
-        findings: list[Finding] = self._consent.findings(req.subjects, campaign_id=req.campaign_id, at=now)
-        findings.extend(
-            text_findings(
-                text_fields(req),
-                self.abuse,
-                max_chars=self.settings.text_max_chars,
-                name_max_chars=self.settings.text_name_max_chars,
-            )
-        )
-        findings.extend(self._drawn_text_findings(req, clip))
+        phase = _Phases()
         work = Path(tempfile.mkdtemp(prefix=f"moderate-{req.job_id}-", dir=self._work_root()))
         try:
-            video = self._fetch_clip(job, clip, work)
-            photo = self._fetch_photo(req, work)
+            with phase("fetch"):
+                video = self._fetch_clip(job, clip, work)
+                photo = self._fetch_photo(req, work)
             engine = self._faces()
-            t0 = time.monotonic()
-            analysis = analyze_clip(
-                video,
-                self.settings,
-                engine,
-                label_text=expected_label_text(req.template, self.settings.templates_dir),
-                small_face_regions=photo_regions(req.template, self.settings.templates_dir),
-            )
-            extra: list[FaceSighting] = photo_sightings(engine, photo) if photo is not None else []
-            consented, ref_findings = with_character_references(
-                self._consent.face_references(req.subjects, campaign_id=req.campaign_id, at=now),
-                self._character_faces(req, engine, work),
-                threshold=self.settings.likeness_threshold,
-            )
+            # The subject photo's faces and the row's checks (consent, texts, the drawn-text
+            # record, reference faces) do not need the clip's frames: they run beside its
+            # analysis, which is what takes the time. Every check runs to completion.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moderate-row") as side:
+                extra_f = side.submit(
+                    phase.timed, "photo", lambda: photo_sightings(engine, photo) if photo is not None else []
+                )
+                row_f = side.submit(phase.timed, "row_checks", lambda: self._row_checks(req, clip, now))
+                refs_f = side.submit(
+                    phase.timed, "references", lambda: self._references(req, engine, work, now)
+                )
+                with phase("analysis"):
+                    analysis = analyze_clip(
+                        video,
+                        self.settings,
+                        engine,
+                        label_text=expected_label_text(req.template, self.settings.templates_dir),
+                        small_face_regions=photo_regions(req.template, self.settings.templates_dir),
+                    )
+                extra: list[FaceSighting] = extra_f.result()
+                findings = row_f.result()
+                refs, ref_findings = refs_f.result()
             findings.extend(ref_findings)
-            refs = References(consented=consented, protected=self.gallery.faces())
             face_subjects = [u.subject_id for u in req.subjects if Scope.FACE in u.scopes]
             more, to_show = clip_findings(
                 analysis,
@@ -254,14 +287,42 @@ class ModerationService:
             )
             log.info(
                 "moderate %s: %d frames, %d faces analysed in %.2fs",
-                req.job_id, analysis.frames_sampled, len(analysis.sightings), time.monotonic() - t0,
+                req.job_id, analysis.frames_sampled, len(analysis.sightings), analysis.seconds,
             )  # fmt: skip
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        findings.extend(self._with_crops(job, more, to_show))
-        for check in self.extra_checks:
-            findings.extend(check(req, clip, now))
+        with phase("crops"):
+            findings.extend(self._with_crops(job, more, to_show))
+        with phase("extra_checks"):
+            for check in self.extra_checks:
+                findings.extend(check(req, clip, now))
+        log.info("moderate %s: phases %s", req.job_id, phase.line())
         return findings
+
+    def _row_checks(self, req: RenderRequested, clip: ClipRendered, now: datetime) -> list[Finding]:
+        """Consent of every subject, the row's texts and the renderer's drawn-text record."""
+        findings: list[Finding] = self._consent.findings(req.subjects, campaign_id=req.campaign_id, at=now)
+        findings.extend(
+            text_findings(
+                text_fields(req),
+                self.abuse,
+                max_chars=self.settings.text_max_chars,
+                name_max_chars=self.settings.text_name_max_chars,
+            )
+        )
+        findings.extend(self._drawn_text_findings(req, clip))
+        return findings
+
+    def _references(
+        self, req: RenderRequested, engine: FaceEngine, work: Path, now: datetime
+    ) -> tuple[References, list[Finding]]:
+        """The faces the clip's faces are compared with, and the character-reference findings."""
+        consented, ref_findings = with_character_references(
+            self._consent.face_references(req.subjects, campaign_id=req.campaign_id, at=now),
+            self._character_faces(req, engine, work),
+            threshold=self.settings.likeness_threshold,
+        )
+        return References(consented=consented, protected=self.gallery.faces()), ref_findings
 
     def _fetch_clip(self, job: JobRecord, clip: ClipRendered, work: Path) -> Path:
         key = job.staging_key or clip.staging_key

@@ -38,6 +38,7 @@ from pipeline.campaigns import (
     check_template_fields,
     load_brief,
     parse_brief,
+    summarize_counts,
 )
 from pipeline.reports import ReportSummary, WrittenReport, write_campaign_report
 from pipeline.repositories import JobRepository
@@ -49,8 +50,6 @@ from schemas.jobs import FINAL_STATES, WAITING_FOR_HUMAN, JobState
 log = logging.getLogger(__name__)
 
 RUNS_PREFIX = "campaign-runs"
-# One line of a jobs/part-NNNNN.txt file: a job id (36 characters) and a newline.
-_JOB_ID_LINE = 37
 # (template, locale, the brief's reference assets) -> whether the renderer prewarmed
 Prewarm = Callable[[TemplateRef, Locale, tuple[Reference, ...]], bool]
 
@@ -87,6 +86,11 @@ class RunInfo:
 
     def part_key(self, i: int) -> str:
         return validate_key(f"{self.prefix}/audience/part-{i:05d}.jsonl")
+
+    @property
+    def manifest_key(self) -> str:
+        """What `resolve` found: the run's recipient and chunk counts."""
+        return validate_key(f"{self.prefix}/manifest.json")
 
     def jobs_key(self, part_key: str) -> str:
         name = Path(part_key).name.removesuffix(".jsonl")
@@ -229,9 +233,12 @@ class CampaignRunService:
         fails before any chunk is submitted."""
         brief = self.brief(run)
         fit = TemplateFit(brief)
-        for stale in self.store.list_keys(self.bucket, f"{run.prefix}/audience/") + self.store.list_keys(
+        stale_keys = self.store.list_keys(self.bucket, f"{run.prefix}/audience/") + self.store.list_keys(
             self.bucket, f"{run.prefix}/jobs/"
-        ):
+        )
+        if self.store.exists(self.bucket, run.manifest_key):
+            stale_keys.insert(0, run.manifest_key)  # first: a half-done retry counts its files
+        for stale in stale_keys:
             self.store.remove(self.bucket, stale)  # a retry of a run whose audience shrank
         parts: list[Part] = []
         for i, chunk in enumerate(iter_audience(brief, store=self.store, settings=self.settings)):
@@ -243,6 +250,12 @@ class CampaignRunService:
             self.store.put_bytes(self.bucket, run.jobs_key(key), ids, content_type="text/plain")
             parts.append(Part(key, len(chunk), sorted({r.locale.value for r in chunk})))
         out = Resolved(parts)
+        self.store.put_bytes(
+            self.bucket,
+            run.manifest_key,
+            json.dumps({"recipients": out.recipients, "parts": len(parts)}).encode("utf-8"),
+            content_type="application/json",
+        )
         log.info(
             "campaign %s run %s: %d recipients in %d chunk(s), locales %s",
             run.campaign_id,
@@ -310,31 +323,26 @@ class CampaignRunService:
         return list(self.iter_job_ids(run))
 
     def recipients(self, run: RunInfo) -> int:
-        """How many jobs the run has: from the chunk files' sizes (a job id line is always
-        37 bytes) in one listing; a file of another size is read and its lines counted."""
+        """How many jobs the run has, as `resolve` counted them (its manifest); a run
+        resolved before manifests existed counts the lines of its job id files."""
+        found = self.store.get_versioned(self.bucket, run.manifest_key)
+        if found is not None:
+            return int(json.loads(found[0])["recipients"])
         total = 0
-        for key, size in self.store.list_sizes(self.bucket, f"{run.prefix}/jobs/").items():
-            if size % _JOB_ID_LINE == 0:
-                total += size // _JOB_ID_LINE
-            else:
-                total += len(self.store.get_bytes(self.bucket, key).split())
+        for key in self.store.list_keys(self.bucket, f"{run.prefix}/jobs/"):
+            total += len(self.store.get_bytes(self.bucket, key).split())
         return total
 
     def progress(self, run: RunInfo, *, now: datetime | None = None) -> Progress:
         """Counts by state of the run's campaign (one GROUP BY, whatever its size); the
         run's jobs without a row yet count as `missing`."""
-        total = self.recipients(run)
-        counts = {st.value: n for st, n in self.jobs.counts_by_state(run.campaign_id).items() if n}
-        missing = max(total - sum(counts.values()), 0)
-        if missing:
-            counts["missing"] = missing
-        unsettled = missing + sum(
-            n for st, n in counts.items() if st != "missing" and JobState(st) not in self.settled_states
+        summary = summarize_counts(
+            self.recipients(run), self.jobs.counts_by_state(run.campaign_id), self.settled_states
         )
         return Progress(
-            total=max(total, sum(counts.values())),
-            counts=counts,
-            unsettled=unsettled,
+            total=summary.total,
+            counts=summary.counts,
+            unsettled=summary.unfinished,
             deadline_passed=(now or utcnow()) > run.deadline_at,
         )
 

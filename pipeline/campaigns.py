@@ -177,33 +177,50 @@ class JobsSummary:
     total: int
     counts: dict[str, int]  # state (or "missing": no job row yet) -> jobs
     unfinished: int
-    swept: int
+    swept: int | None  # None: not known (summarized from counts by state alone)
     failed: int
 
     def describe(self) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()) if v)
+        swept = "" if self.swept is None else f"{self.swept} swept, "
         return (
             f"{self.unfinished} of {self.total} jobs unfinished ({shown or 'no jobs'}); "
-            f"{self.swept} swept, {self.failed} failed"
+            f"{swept}{self.failed} failed"
         )
+
+
+def summarize_counts(
+    expected: int,
+    counts: Mapping[JobState, int],
+    settled: frozenset[JobState] = FINAL_STATES,
+    *,
+    swept: int | None = None,
+) -> JobsSummary:
+    """Where `expected` jobs stand from their counts by state: the jobs with no row yet
+    count as `missing` (and unfinished)."""
+    by_state = {JobState(st): n for st, n in counts.items() if n}
+    shown = {st.value: n for st, n in by_state.items()}
+    found = sum(by_state.values())
+    missing = max(expected - found, 0)
+    if missing:
+        shown["missing"] = missing
+    return JobsSummary(
+        total=max(expected, found),
+        counts=shown,
+        unfinished=missing + sum(n for st, n in by_state.items() if st not in settled),
+        swept=swept,
+        failed=by_state.get(JobState.FAILED, 0),
+    )
 
 
 def summarize_jobs(
     job_ids: Iterable[uuid.UUID], records: Sequence[JobRecord], settled: frozenset[JobState] = FINAL_STATES
 ) -> JobsSummary:
-    ids = list(job_ids)
-    counts: dict[str, int] = {}
+    counts: dict[JobState, int] = {}
     for r in records:
-        counts[r.state.value] = counts.get(r.state.value, 0) + 1
-    missing = len(ids) - len(records)
-    if missing > 0:
-        counts["missing"] = missing
-    return JobsSummary(
-        total=len(ids),
-        counts=counts,
-        unfinished=max(missing, 0) + sum(1 for r in records if r.state not in settled),
-        swept=sum(1 for r in records if r.sweeps_total > 0),
-        failed=sum(1 for r in records if r.state == JobState.FAILED),
+        counts[r.state] = counts.get(r.state, 0) + 1
+    return summarize_counts(
+        sum(1 for _ in job_ids), counts, settled, swept=sum(1 for r in records if r.sweeps_total > 0)
     )
 
 

@@ -100,8 +100,14 @@ class JobLine:
     name: str = ""
 
 
+# The summary keys a report.json writes after its lists and jobs.
+_TAIL = ("swept", "failed", "total")
+
+
 @dataclass(frozen=True)
-class CampaignReport:
+class ReportSummary:
+    """The head of a report.json without its lists: what a caller checks after writing it."""
+
     campaign_id: str
     title: str
     run_id: str
@@ -115,21 +121,24 @@ class CampaignReport:
     generated_at: str
     counts: dict[str, int]
     moderation: dict[str, int]
+    # Jobs the sweeper had to re-drive at least once (pipeline/sweeper.py), and failed jobs.
+    swept: int
+    failed: int
+    total: int
+
+
+@dataclass(frozen=True)
+class CampaignReport(ReportSummary):
+    """A whole report in memory (small campaigns; `write_campaign_report` streams one)."""
+
     failures: list[dict[str, Any]]
     pending_review: list[dict[str, Any]]
     published: list[dict[str, Any]]
     jobs: list[JobLine] = field(repr=False)
-    # Jobs the sweeper had to re-drive at least once (pipeline/sweeper.py), and failed jobs.
-    swept: int = 0
-    failed: int = 0
-
-    @property
-    def total(self) -> int:
-        return len(self.jobs)
 
     def to_json(self) -> bytes:
         data = asdict(self)
-        data["total"] = self.total
+        data.update({k: data.pop(k) for k in _TAIL})  # the head, the lists, the jobs, the tail
         return json.dumps(data, ensure_ascii=False, indent=2, sort_keys=False).encode("utf-8")
 
     def to_csv(self) -> bytes:
@@ -178,6 +187,39 @@ class _Tally:
             self.moderation[key] = self.moderation.get(key, 0) + 1
         else:
             self.moderation[mod.outcome] += 1
+
+    def head(
+        self,
+        *,
+        campaign_id: str,
+        title: str,
+        run_id: str,
+        run_key: str,
+        template: Mapping[str, str] | None,
+        audience: Mapping[str, Any] | None,
+        deadline: datetime | None,
+        now: datetime,
+        total: int,
+    ) -> dict[str, Any]:
+        """The fields of a ReportSummary, from these counts."""
+        return {
+            "campaign_id": campaign_id,
+            "title": title,
+            "run_id": run_id,
+            "run_key": run_key,
+            "template": dict(template or {}),
+            "audience": dict(audience or {}),
+            "settled_states": sorted(s.value for s in self.settled),
+            "complete": self.complete,
+            "deadline": deadline.isoformat() if deadline else None,
+            "deadline_passed": bool(deadline and now > deadline),
+            "generated_at": now.isoformat(),
+            "counts": self.counts,
+            "moderation": self.moderation,
+            "swept": self.swept,
+            "failed": self.counts[JobState.FAILED.value],
+            "total": total,
+        }
 
 
 def _job_line(
@@ -288,50 +330,23 @@ def build_report(
         entry = _listed(line, rec.sweeps_total)
         if entry is not None:
             listed[entry[0]].append(entry[1])
-    counts = tally.counts
     return CampaignReport(
-        campaign_id=campaign_id,
-        title=title,
-        run_id=run_id,
-        run_key=run_key,
-        template=dict(template),
-        audience=dict(audience),
-        settled_states=sorted(s.value for s in settled),
-        complete=tally.complete,
-        deadline=deadline.isoformat() if deadline else None,
-        deadline_passed=bool(deadline and now > deadline),
-        generated_at=now.isoformat(),
-        counts=counts,
-        moderation=tally.moderation,
+        **tally.head(
+            campaign_id=campaign_id,
+            title=title,
+            run_id=run_id,
+            run_key=run_key,
+            template=template,
+            audience=audience,
+            deadline=deadline,
+            now=now,
+            total=len(lines),
+        ),
         failures=listed["failures"],
         pending_review=listed["pending_review"],
         published=listed["published"],
         jobs=lines,
-        swept=tally.swept,
-        failed=counts[JobState.FAILED.value],
     )
-
-
-@dataclass(frozen=True)
-class ReportSummary:
-    """The head of a report.json without its lists: what a caller checks after writing it."""
-
-    campaign_id: str
-    title: str
-    run_id: str
-    run_key: str
-    template: dict[str, str]
-    audience: dict[str, Any]
-    settled_states: list[str]
-    complete: bool
-    deadline: str | None
-    deadline_passed: bool
-    generated_at: str
-    counts: dict[str, int]
-    moderation: dict[str, int]
-    swept: int
-    failed: int
-    total: int
 
 
 @dataclass(frozen=True)
@@ -433,26 +448,21 @@ def write_campaign_report(
         if expected is not None:
             tally.missing(expected - rows)
         summary = ReportSummary(
-            campaign_id=campaign_id,
-            title=title,
-            run_id=run_id if run_id is not None else run_key,
-            run_key=run_key,
-            template=dict(template or {}),
-            audience=dict(audience or {}),
-            settled_states=sorted(s.value for s in settled),
-            complete=tally.complete,
-            deadline=deadline.isoformat() if deadline else None,
-            deadline_passed=bool(deadline and now > deadline),
-            generated_at=now.isoformat(),
-            counts=tally.counts,
-            moderation=tally.moderation,
-            swept=tally.swept,
-            failed=tally.counts[JobState.FAILED.value],
-            total=max(rows, expected or 0),
+            **tally.head(
+                campaign_id=campaign_id,
+                title=title,
+                run_id=run_id if run_id is not None else run_key,
+                run_key=run_key,
+                template=template,
+                audience=audience,
+                deadline=deadline,
+                now=now,
+                total=max(rows, expected or 0),
+            )
         )
         with _spool() as out:
             head = asdict(summary)
-            tail = {k: head.pop(k) for k in ("swept", "failed", "total")}
+            tail = {k: head.pop(k) for k in _TAIL}
             # The keys in CampaignReport.to_json's order: the head, the lists, the jobs, the tail.
             out.write(b"{\n")
             for k, v in head.items():

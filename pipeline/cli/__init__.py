@@ -155,19 +155,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _unfinished(expected: int, counts: Mapping[Any, int]) -> str:
     """What is left of a campaign of `expected` jobs, from its counts by state ("": nothing)."""
-    from schemas.jobs import FINAL_STATES, JobState
+    from pipeline.campaigns import summarize_counts
 
-    by_state = {JobState(st): n for st, n in counts.items() if n}
-    shown = {st.value: n for st, n in by_state.items()}
-    missing = max(expected - sum(by_state.values()), 0)
-    if missing:
-        shown["missing"] = missing
-    left = missing + sum(n for st, n in by_state.items() if st not in FINAL_STATES)
-    if not left:
-        return ""
-    listed = ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
-    failed = by_state.get(JobState.FAILED, 0)
-    return f"{left} of {max(expected, sum(by_state.values()))} jobs unfinished ({listed}); {failed} failed"
+    summary = summarize_counts(expected, counts)
+    return summary.describe() if summary.unfinished else ""
 
 
 def _print_counts(counts: Mapping[Any, int]) -> None:

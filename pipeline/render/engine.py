@@ -603,9 +603,10 @@ class TemplateRenderer:
     ) -> str | None:
         """Content hash of everything one recipient's personal segment depends on (the
         shared segments' key covers template, locale, variant, generator, encoder and
-        fonts); None when the segment is not reusable (an animated photo)."""
-        t = lt.template
-        if animate and photo is not None and any(isinstance(la, LivingPhotoLayer) for la in t.layers):
+        fonts); None when the segment is not to be reused (it shows a photo)."""
+        if photo is not None:
+            # A photo is one person's: its frames would rarely be reused, and a cached copy
+            # would outlive a revoked consent on every render node that drew it.
             return None
         tts = self.tts
         payload = {
@@ -613,7 +614,6 @@ class TemplateRenderer:
             "personal": PERSONAL_VERSION,
             "segments": seg.key,
             "name": name,
-            "photo": sha256_file(photo) if photo is not None else None,
             "animate": animate,
             # the TTS's settings (its public attributes), not its caches
             "tts": [

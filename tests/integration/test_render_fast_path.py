@@ -91,13 +91,12 @@ def test_chunked_personal_segment_is_the_same_clip_as_one_encode(cache: Path, tm
 
 def test_an_identical_recipient_reuses_the_personal_segment(cache: Path, tmp_path: Path) -> None:
     eng = TemplateRenderer(cache, size=(W, H), encode_jobs=2)
-    first = eng.render(request("李小明", Locale.ZH_HANS_CN), tmp_path, photo=grace_hopper(), stem="first")
-    again = eng.render(request("李小明", Locale.ZH_HANS_CN), tmp_path, photo=grace_hopper(), stem="again")
-    other = eng.render(request("张伟", Locale.ZH_HANS_CN), tmp_path, photo=grace_hopper(), stem="other")
-    no_photo = eng.render(request("李小明", Locale.ZH_HANS_CN), tmp_path, stem="nophoto")
+    first = eng.render(request("李小明", Locale.ZH_HANS_CN), tmp_path, stem="first")
+    again = eng.render(request("李小明", Locale.ZH_HANS_CN), tmp_path, stem="again")
+    other = eng.render(request("张伟", Locale.ZH_HANS_CN), tmp_path, stem="other")
     assert "dedup_hit" not in first.timings
     assert again.timings.get("dedup_hit") == 1.0 and "encode_personal" not in again.timings
-    assert "dedup_hit" not in other.timings and "dedup_hit" not in no_photo.timings
+    assert "dedup_hit" not in other.timings
 
     def same(x: RenderResult, y: RenderResult) -> None:
         assert decoded(x.video_path, 0, 270) == decoded(y.video_path, 0, 270)
@@ -115,11 +114,21 @@ def test_an_identical_recipient_reuses_the_personal_segment(cache: Path, tmp_pat
     same(first, again)
     assert first.drawn_texts[0] == ("name", "给 李小明")
     assert decoded(first.video_path, 100, 5) != decoded(other.video_path, 100, 5)
-    assert no_photo.photo_box is None and first.photo_box is not None
     # a later render still hits after its entry was linked away (the cache keeps its own copy)
-    third = eng.render(request("李小明", Locale.ZH_HANS_CN), tmp_path, photo=grace_hopper(), stem="third")
+    third = eng.render(request("李小明", Locale.ZH_HANS_CN), tmp_path, stem="third")
     assert third.timings.get("dedup_hit") == 1.0
     assert hashlib.sha256(third.video_path.read_bytes()).hexdigest() == again.sha256
+
+
+def test_a_personal_segment_with_a_photo_is_never_cached(cache: Path, tmp_path: Path) -> None:
+    eng = TemplateRenderer(cache, size=(W, H), encode_jobs=2)
+    entries = set((cache / "personal").glob("*/*/meta.json"))
+    first = eng.render(request("李小明", Locale.ZH_HANS_CN), tmp_path, photo=grace_hopper(), stem="p1")
+    again = eng.render(request("李小明", Locale.ZH_HANS_CN), tmp_path, photo=grace_hopper(), stem="p2")
+    assert first.photo_box is not None
+    assert "dedup_hit" not in again.timings and "encode_personal" in again.timings
+    # nothing derived from the photo stays behind on the render node
+    assert set((cache / "personal").glob("*/*/meta.json")) == entries
 
 
 def test_the_personal_segment_cache_is_bounded(cache: Path, tmp_path: Path) -> None:

@@ -612,7 +612,8 @@ def _measure(
     say("floor: bare COPY" if kind == "postgresql" else "floor: bare executemany")
     copy_s, copied, floor_kind = _copy_floor(db, _floor_rows(brief_data, n, chunk, job_ids))
     say("floor: bare produce")
-    bus = EventBus(settings, sign=ProducerKeys.from_settings(settings).sign)
+    keys = ProducerKeys.from_settings(settings)
+    bus = EventBus(settings, sign=keys.sign, sign_content=keys.sign_content)
     try:
         produce_s, produced = _produce_floor(settings, bus, _floor_rows(brief_data, n, chunk, job_ids))
     finally:

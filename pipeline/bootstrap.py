@@ -127,7 +127,9 @@ class Container:
 
     @cached_property
     def bus(self) -> EventBus:
-        return EventBus(self.settings, sign=self.producer_keys.sign)
+        return EventBus(
+            self.settings, sign=self.producer_keys.sign, sign_content=self.producer_keys.sign_content
+        )
 
     @cached_property
     def renderer(self) -> Renderer:
@@ -154,9 +156,7 @@ class Container:
     def campaign_run_service(self) -> CampaignRunService:
         return CampaignRunService(self.settings, self.store, self.jobs, self.campaigns(), self.prewarm)
 
-    def prewarm(
-        self, template: TemplateRef, locale: Locale, references: tuple[Reference, ...] = ()
-    ) -> bool:
+    def prewarm(self, template: TemplateRef, locale: Locale, references: tuple[Reference, ...] = ()) -> bool:
         """Render the shared segments of (template, locale) ahead of a campaign (generated
         video plates included), when the renderer offers a `prewarm` hook; False (and
         nothing done) when it does not."""

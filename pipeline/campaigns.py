@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
 import yaml
 from pydantic import ValidationError
@@ -25,7 +29,7 @@ from pipeline.topics import RENDER_REQUESTS
 from pipeline.trust import JobIds, differing_fields
 from schemas.brief import ALLOW_LOOPBACK_WEBHOOKS, CampaignBrief, Recipient, Reference, TemplateRef
 from schemas.common import Scope, utcnow
-from schemas.events import RenderRequested
+from schemas.events import RenderRequested, canonical_json
 from schemas.events import _canonical as canonical
 from schemas.jobs import FINAL_STATES, JobState
 
@@ -254,6 +258,7 @@ class BulkPublisher(Protocol):
         items: Sequence[tuple[str, dict[str, Any]]],
         *,
         trace_id: str | None = None,
+        texts: Sequence[str] | None = None,
     ) -> Callable[[], int]: ...
 
 
@@ -276,8 +281,13 @@ class TemplateFit:
     def __init__(self, brief: CampaignBrief) -> None:
         self.brief = brief
         self._fits: set[tuple[str, str, bool, bool]] = set()
+        self._lock = threading.Lock()
 
     def check(self, audience: Sequence[Recipient]) -> None:
+        with self._lock:
+            self._check(audience)
+
+    def _check(self, audience: Sequence[Recipient]) -> None:
         todo: dict[tuple[str, str, bool, bool], Recipient] = {}
         for r in audience:
             key = _fit_key(r)
@@ -307,15 +317,28 @@ class RequestFactory:
         proto = render_request_for(brief, Recipient(id="prototype", name="prototype"), job_ids)
         self._proto: dict[str, Any] = canonical(proto.model_dump(mode="python"))
 
-    def build(self, recipients: Sequence[Recipient]) -> tuple[list[NewJob], list[dict[str, Any]]]:
+    def prepare(self, recipients: Sequence[Recipient]) -> tuple[list[str], list[dict[str, Any]]]:
+        """The job ids and the canonical recipient dicts of a chunk (what `rows_of` takes)."""
+        b = self.brief
+        name, version = b.template.name, b.template.version
+        job_id = self.job_ids.job_id
+        ids = [str(job_id(b.campaign_id, r.id, name, version)) for r in recipients]
+        recs = [
+            canonical(r.model_dump(mode="python")) if r.subjects else r.model_dump(mode="json")
+            for r in recipients
+        ]
+        return ids, recs
+
+    def rows_of(
+        self, job_ids: Sequence[str], recs: Sequence[dict[str, Any]]
+    ) -> tuple[list[NewJob], list[dict[str, Any]]]:
+        """Job rows and request payloads of prepared recipients, requested now."""
         b = self.brief
         name, version = b.template.name, b.template.version
         requested_at = to_jsonable_python(utcnow())
         rows: list[NewJob] = []
         payloads: list[dict[str, Any]] = []
-        for r in recipients:
-            job_id = str(self.job_ids.job_id(b.campaign_id, r.id, name, version))
-            rec = canonical(r.model_dump(mode="python")) if r.subjects else r.model_dump(mode="json")
+        for job_id, rec in zip(job_ids, recs, strict=True):
             payload = {
                 **self._proto,
                 "job_id": job_id,
@@ -323,9 +346,46 @@ class RequestFactory:
                 "locale": rec["locale"],
                 "requested_at": requested_at,
             }
-            rows.append(NewJob(job_id, b.campaign_id, r.id, name, version, rec["locale"], payload))
+            rows.append(
+                NewJob(
+                    job_id, b.campaign_id, rec["id"], name, version, rec["locale"], payload,
+                    canonical_json(payload),
+                )
+            )  # fmt: skip
             payloads.append(payload)
         return rows, payloads
+
+    def build(self, recipients: Sequence[Recipient]) -> tuple[list[NewJob], list[dict[str, Any]]]:
+        return self.rows_of(*self.prepare(recipients))
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A chunk validated and fitted, ready to store: its job ids, canonical recipients and,
+    per row, whether it had no job when it was checked (None: none of the campaign's had)."""
+
+    job_ids: list[str]
+    recs: list[dict[str, Any]]
+    new: list[bool] | None
+
+
+def _spill(items: Iterable[_Prepared], into: IO[bytes]) -> int:
+    """Write prepared chunks to a private temporary file; the rows written."""
+    rows = 0
+    for item in items:
+        pickle.dump((item.job_ids, item.recs, item.new), into, protocol=pickle.HIGHEST_PROTOCOL)
+        rows += len(item.job_ids)
+    return rows
+
+
+def _unspill(spill: IO[bytes]) -> Iterator[_Prepared]:
+    spill.seek(0)
+    while True:
+        try:
+            job_ids, recs, new = pickle.load(spill)  # this process's own private file
+        except EOFError:
+            return
+        yield _Prepared(job_ids, recs, new)
 
 
 def _same_request(fresh: Mapping[str, Any], stored: Mapping[str, Any]) -> bool:
@@ -364,6 +424,14 @@ def _log_intake(campaign_id: str, tally: _Tally, elapsed_s: float, validated_s: 
 def _row_payload(job: ExistingJob) -> dict[str, Any]:
     """The canonical payload of the request a job row holds."""
     return dict(canonical(RenderRequested.model_validate(job.request_json).model_dump(mode="python")))
+
+
+@dataclass(frozen=True)
+class _Stored:
+    rows: list[NewJob]
+    payloads: list[dict[str, Any]]
+    created: frozenset[str]
+    existing: list[ExistingJob]
 
 
 @dataclass
@@ -479,18 +547,18 @@ class CampaignService:
             raise BriefError(f"brief {brief.campaign_id}: this intake cannot resolve audience_key audiences")
         t0 = time.perf_counter()
         fit = TemplateFit(brief)
-        rows = 0
-        for chunk in self.audience(brief):  # the validation pass: nothing is written
-            fit.check(self._new_recipients(brief, chunk))
-            rows += len(chunk)
-        validated_s = time.perf_counter() - t0
-        log.info(
-            "campaign %s: %d recipients valid (%.1f s); submitting", brief.campaign_id, rows, validated_s
-        )
-        self._screen_references(brief)
-        tally = self._fan_out(
-            brief, self.audience(brief), fit=fit, rerequest="none", trace_id=trace_id, owner=owner
-        )
+        factory = RequestFactory(brief, self.job_ids)
+        with tempfile.TemporaryFile(prefix="greetflow-intake-") as spill:
+            # the validation pass: nothing is written but this process's own spill file
+            rows = _spill(self._prepare(brief, self.audience(brief), factory, fit), spill)
+            validated_s = time.perf_counter() - t0
+            log.info(
+                "campaign %s: %d recipients valid (%.1f s); submitting", brief.campaign_id, rows, validated_s
+            )
+            self._screen_references(brief)
+            tally = self._fan_out(
+                brief, _unspill(spill), factory, fit=fit, rerequest="none", trace_id=trace_id, owner=owner
+            )
         secret = self._webhook(brief, register=True)
         _log_intake(brief.campaign_id, tally, time.perf_counter() - t0, validated_s)
         return SubmitResult(
@@ -540,9 +608,18 @@ class CampaignService:
         fit = TemplateFit(brief)
         fit.check(audience)
         self._screen_references(brief)
+        factory = RequestFactory(brief, self.job_ids)
         batches = (audience[i : i + batch_size] for i in range(0, len(audience), max(batch_size, 1)))
         t0 = time.perf_counter()
-        tally = self._fan_out(brief, batches, fit=fit, rerequest=rerequest, trace_id=trace_id, owner=owner)
+        tally = self._fan_out(
+            brief,
+            self._prepare(brief, batches, factory, fit),
+            factory,
+            fit=fit,
+            rerequest=rerequest,
+            trace_id=trace_id,
+            owner=owner,
+        )
         _log_intake(brief.campaign_id, tally, time.perf_counter() - t0, 0.0)
         ids = tuple(self.job_id(brief.campaign_id, r.id, brief.template) for r in audience)
         return SubmitResult(
@@ -554,12 +631,29 @@ class CampaignService:
             total=len(ids),
         )
 
-    def _new_recipients(self, brief: CampaignBrief, chunk: Sequence[Recipient]) -> list[Recipient]:
-        """The recipients of a chunk that have no job yet: only they need the template check
-        (a job row was checked when it was created), so a re-run measures no name again."""
-        ids = [str(self.job_id(brief.campaign_id, r.id, brief.template)) for r in chunk]
-        have = self.jobs.existing_ids(ids)
-        return [r for r, job_id in zip(chunk, ids, strict=True) if job_id not in have]
+    def _prepare(
+        self,
+        brief: CampaignBrief,
+        chunks: Iterable[Sequence[Recipient]],
+        factory: RequestFactory,
+        fit: TemplateFit,
+    ) -> Iterator[_Prepared]:
+        """Per chunk: its job ids and canonical recipients, and the template check of the
+        recipients that have no job yet (a job row was checked when it was created, so a
+        re-run measures no name again). A campaign without any job row skips the lookups."""
+        known = self.jobs.has_jobs(brief.campaign_id)
+        for chunk in chunks:
+            if not chunk:
+                continue
+            ids, recs = factory.prepare(chunk)
+            new: list[bool] | None = None
+            fresh: Sequence[Recipient] = chunk
+            if known:
+                have = self.jobs.existing_ids(ids)
+                new = [job_id not in have for job_id in ids]
+                fresh = [r for r, is_new in zip(chunk, new, strict=True) if is_new]
+            fit.check(fresh)
+            yield _Prepared(ids, recs, new)
 
     def _screen_references(self, brief: CampaignBrief) -> None:
         if self.screen_references is not None and brief.references:
@@ -568,39 +662,32 @@ class CampaignService:
     def _fan_out(
         self,
         brief: CampaignBrief,
-        chunks: Iterable[Sequence[Recipient]],
+        chunks: Iterable[_Prepared],
+        factory: RequestFactory,
         *,
         fit: TemplateFit,
         rerequest: Rerequest,
         trace_id: str | None,
         owner: str | None,
     ) -> _Tally:
-        """Per chunk: check its recipients without a job (template fit, photos), insert its
-        jobs, send its requests.
-        The sends of chunk k are confirmed after chunk k+1 is written, so producing overlaps
-        the next insert; every send is confirmed before this returns."""
+        """Store each prepared chunk (photo screen, one batched insert of its new jobs), then
+        send its requests. Storing runs on a thread of its own: chunk k+1 is written while
+        the requests of chunk k are encoded and handed to the producer, and a chunk's
+        requests are sent only once its rows are written. The sends of a chunk are confirmed
+        after the next chunk's are handed over; every send is confirmed before this returns."""
         trace = trace_id or uuid.uuid4().hex
-        factory = RequestFactory(brief, self.job_ids)
         tally = _Tally()
         unconfirmed: Callable[[], int] | None = None
         try:
-            for chunk in chunks:
-                if not chunk:
-                    continue
-                rows, payloads = factory.build(chunk)
-                have = self.jobs.existing_ids([row.job_id for row in rows])
-                fresh = [r for r, row in zip(chunk, rows, strict=True) if row.job_id not in have]
-                fit.check(fresh)
-                if self.screen_photos is not None and fresh:
-                    self.screen_photos(brief.campaign_id, fresh)
-                created = self.jobs.create_many(rows, owner=owner, actor="intake")
-                items = self._to_request(
-                    rows, payloads, created.created, created.existing, rerequest, tally
-                )
-                confirm = self._send(items, trace)
-                if unconfirmed is not None:
-                    unconfirmed()
-                unconfirmed = confirm
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake-store") as pool:
+                stored: Future[_Stored] | None = None
+                for item in chunks:
+                    nxt = pool.submit(self._store, brief, item, factory, fit, owner)
+                    if stored is not None:
+                        unconfirmed = self._send_stored(stored.result(), rerequest, tally, trace, unconfirmed)
+                    stored = nxt
+                if stored is not None:
+                    unconfirmed = self._send_stored(stored.result(), rerequest, tally, trace, unconfirmed)
             if unconfirmed is not None:
                 pending, unconfirmed = unconfirmed, None
                 pending()
@@ -622,6 +709,55 @@ class CampaignService:
             )  # fmt: skip
         return tally
 
+    def _store(
+        self,
+        brief: CampaignBrief,
+        item: _Prepared,
+        factory: RequestFactory,
+        fit: TemplateFit,
+        owner: str | None,
+    ) -> _Stored:
+        """Write a prepared chunk's new jobs; read the rows of those that existed."""
+        rows, payloads = factory.rows_of(item.job_ids, item.recs)
+        if item.new is None:
+            new_rows, existing = rows, []
+        else:
+            new_rows = [row for row, is_new in zip(rows, item.new, strict=True) if is_new]
+            old = [row.job_id for row, is_new in zip(rows, item.new, strict=True) if not is_new]
+            existing = self.jobs.existing_jobs(old)
+            if len(existing) < len(old):
+                # rows deleted since they were checked: checked now, then created again
+                kept = {e.job_id for e in existing}
+                back = [row for row in rows if row.job_id in set(old) - kept]
+                fit.check([Recipient.model_validate(row.request_json["recipient"]) for row in back])
+                new_rows += back
+        photos = [
+            Recipient.model_validate(row.request_json["recipient"])
+            for row in new_rows
+            if row.request_json["recipient"].get("photo_key")
+        ]
+        if self.screen_photos is not None and photos:
+            self.screen_photos(brief.campaign_id, photos)
+        created = self.jobs.create_many(new_rows, owner=owner, actor="intake")
+        return _Stored(rows, payloads, created.created, [*existing, *created.existing])
+
+    def _send_stored(
+        self,
+        stored: _Stored,
+        rerequest: Rerequest,
+        tally: _Tally,
+        trace: str,
+        unconfirmed: Callable[[], int] | None,
+    ) -> Callable[[], int]:
+        """Hand a stored chunk's requests to the bus, then confirm the chunk before it."""
+        items, texts = self._to_request(
+            stored.rows, stored.payloads, stored.created, stored.existing, rerequest, tally
+        )
+        confirm = self._send(items, texts, trace)
+        if unconfirmed is not None:
+            unconfirmed()
+        return confirm
+
     def _to_request(
         self,
         rows: Sequence[NewJob],
@@ -630,12 +766,14 @@ class CampaignService:
         existing: Sequence[ExistingJob],
         rerequest: Rerequest,
         tally: _Tally,
-    ) -> list[tuple[str, dict[str, Any]]]:
-        """The (key, payload) of every request a chunk sends: its new jobs, then the existing
-        ones `rerequest` picks, with what their rows hold (the row is the truth)."""
+    ) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+        """The (key, payload) of every request a chunk sends, and each one's canonical JSON
+        text where the row has it: its new jobs, then the existing ones `rerequest` picks,
+        with what their rows hold (the row is the truth)."""
         tally.total += len(rows)
         tally.created += len(created)
         out = [(row.job_id, p) for row, p in zip(rows, payloads, strict=True) if row.job_id in created]
+        texts = [row.request_text for row in rows if row.job_id in created]
         fresh = {row.job_id: p for row, p in zip(rows, payloads, strict=True)} if existing else {}
         for job in existing:
             if job.state in FINAL_STATES:
@@ -647,10 +785,13 @@ class CampaignService:
                 tally.differ_example = tally.differ_example or f"job {job.job_id}"
             if rerequest == "pending":
                 out.append((job.job_id, _row_payload(job)))
+                texts.append("")
         tally.requested += len(out)
-        return out
+        return out, texts
 
-    def _send(self, items: Sequence[tuple[str, dict[str, Any]]], trace_id: str) -> Callable[[], int]:
+    def _send(
+        self, items: Sequence[tuple[str, dict[str, Any]]], texts: Sequence[str], trace_id: str
+    ) -> Callable[[], int]:
         """Hand the requests to the bus; the callable returned waits for their acks."""
         send_payloads = getattr(self.events, "send_payloads", None)
         if send_payloads is not None:
@@ -661,6 +802,7 @@ class CampaignService:
                 RenderRequested.schema_version,
                 items,
                 trace_id=trace_id,
+                texts=texts,
             )
         for key, payload in items:
             self.events.publish(

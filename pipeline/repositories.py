@@ -862,11 +862,12 @@ class JobRepository:
         self, jobs: Sequence[NewJob], *, owner: str | None = None, actor: str = "system"
     ) -> CreatedJobs:
         """Create a chunk of jobs in state `requested`, each with its first job_events row,
-        in one transaction and a constant number of statements: one read of the chunk's
-        existing rows (by primary key), then one batched insert of the others with ON
-        CONFLICT DO NOTHING. PostgreSQL: COPY into a temporary table, then one
-        INSERT ... SELECT whose RETURNING feeds the job_events insert of the same statement;
-        SQLite: multi-row INSERT ... RETURNING, then one executemany of the events.
+        in one transaction and a constant number of statements: one batched insert with ON
+        CONFLICT DO NOTHING, then one read (by primary key) of the rows it did not insert.
+        PostgreSQL: COPY into a temporary table, then one INSERT ... SELECT whose RETURNING
+        feeds the job_events insert of the same statement; SQLite: multi-row
+        INSERT ... RETURNING, then one executemany of the events. A fresh chunk costs the
+        insert alone.
 
         Returns the ids it created and the rows that were there already (also a row that a
         concurrent intake inserted in between: it counts as existing, not created)."""
@@ -874,19 +875,26 @@ class JobRepository:
             return CreatedJobs(frozenset(), ())
         now = self._clock()
         with self._db.engine.begin() as conn:
-            existing = self._existing_jobs(conn, [j.job_id for j in jobs])
-            have = {e.job_id for e in existing}
-            new = [j for j in jobs if j.job_id not in have]
-            if not new:
-                return CreatedJobs(frozenset(), tuple(existing))
             if self._db.is_sqlite:
-                created = self._insert_sqlite(conn, new, now=now, owner=owner, actor=actor)
+                created = self._insert_sqlite(conn, jobs, now=now, owner=owner, actor=actor)
             else:
-                created = self._insert_postgres(conn, new, now=now, owner=owner, actor=actor)
-            lost = [j.job_id for j in new if j.job_id not in created]
-            if lost:
-                existing.extend(self._existing_jobs(conn, lost))
+                created = self._insert_postgres(conn, jobs, now=now, owner=owner, actor=actor)
+            lost = [j.job_id for j in jobs if j.job_id not in created]
+            existing = self._existing_jobs(conn, lost) if lost else []
         return CreatedJobs(frozenset(created), tuple(existing))
+
+    def existing_jobs(self, job_ids: Sequence[str]) -> list[ExistingJob]:
+        """The rows of these job ids that exist (primary-key lookups, one query per 10,000)."""
+        if not job_ids:
+            return []
+        with self._db.engine.connect() as conn:
+            return self._existing_jobs(conn, job_ids)
+
+    def has_jobs(self, campaign_id: str) -> bool:
+        """Whether the campaign has any job row (one index probe)."""
+        with self._db.engine.connect() as conn:
+            found = conn.execute(select(JobRow.job_id).where(JobRow.campaign_id == campaign_id).limit(1))
+            return found.first() is not None
 
     def existing_ids(self, job_ids: Sequence[str]) -> set[str]:
         """Which of these job ids have a row (primary-key lookups, one query per 10,000)."""
@@ -928,7 +936,7 @@ class JobRepository:
             )
             with cur.copy(f"COPY greetflow_intake ({_NEW_JOB_COLUMNS}) FROM STDIN") as copy:
                 for j in new:
-                    request = _json(j.request_json)
+                    request = j.request_text or _json(j.request_json)
                     copy.write_row(
                         (
                             j.job_id, j.campaign_id, j.recipient_id, j.template_name, j.template_version,
@@ -962,7 +970,8 @@ class JobRepository:
                 params.extend(
                     (
                         j.job_id, j.campaign_id, j.recipient_id, j.template_name, j.template_version,
-                        j.locale, JobState.REQUESTED.value, _json(j.request_json), 0, 0, 0, at, at, owner,
+                        j.locale, JobState.REQUESTED.value, j.request_text or _json(j.request_json), 0, 0, 0,
+                        at, at, owner,
                     )
                 )  # fmt: skip
             sql = (
@@ -999,6 +1008,9 @@ class NewJob(NamedTuple):
     template_version: str
     locale: str
     request_json: dict[str, Any]
+    # request_json as its canonical JSON text, when the caller has it (the intake serializes
+    # a request once, for its row and for its signed message); "": serialized on insert.
+    request_text: str = ""
 
 
 @dataclass(frozen=True)

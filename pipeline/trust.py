@@ -186,6 +186,12 @@ class ProducerKeys:
         signed: Envelope[P] = env.model_copy(update={"signature": sig})
         return signed
 
+    def sign_content(self, content: bytes) -> dict[str, str] | None:
+        """`sign`'s signature from an envelope's canonical bytes (`Envelope.signed_content`)."""
+        if self.signing_key_id is None:
+            return None
+        return {"key_id": self.signing_key_id, "hmac_sha256": _hmac(self.keys[self.signing_key_id], content)}
+
     def verify(self, env: Envelope[Any], *, what: str) -> str:
         """The key id of a valid signature; UntrustedMessage saying why not otherwise.
         `what` names the message in the error ("render request for job ...")."""

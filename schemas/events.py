@@ -161,6 +161,12 @@ class EnvelopeSignature(BaseModel):
     hmac_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
+def canonical_json(value: Any) -> str:
+    """JSON text of a canonical JSON-ready value as signatures cover it: keys sorted,
+    compact, UTF-8 characters as they are."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _canonical(value: Any) -> Any:
     """JSON-ready value with one spelling per content: sets sorted, mappings by key."""
     if isinstance(value, dict):
@@ -193,8 +199,7 @@ class Envelope(BaseModel, Generic[P]):
         """The canonical bytes a signature covers: every field but `signature`, as sorted,
         compact UTF-8 JSON with sets in sorted order, so the producer's model and the
         consumer's parsed copy give the same bytes."""
-        data = _canonical(self.model_dump(mode="python", exclude={"signature"}))
-        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        return canonical_json(_canonical(self.model_dump(mode="python", exclude={"signature"}))).encode()
 
     @classmethod
     def wrap(cls, payload: P, trace_id: str | None = None, id: uuid.UUID | None = None) -> Envelope[P]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import threading
 import time
 import traceback
@@ -62,7 +63,7 @@ from pipeline.logs import bind
 from pipeline.settings import Settings
 from pipeline.topics import dlq
 from pipeline.tracing import TRACEPARENT, header, headers_for, parse_traceparent, step_span
-from schemas.events import Envelope, _canonical, _Payload, parse_envelope
+from schemas.events import Envelope, _canonical, _Payload, canonical_json, parse_envelope
 
 if TYPE_CHECKING:
     from pipeline.adapters.storage import ObjectStore
@@ -137,6 +138,8 @@ def kafka_client_config(settings: Settings) -> dict[str, Any]:
 
 
 Signer = Callable[[Envelope[Any]], Envelope[Any]]
+# Signs an envelope's canonical bytes: {"key_id": ..., "hmac_sha256": ...}, or None (no key).
+ContentSigner = Callable[[bytes], dict[str, str] | None]
 
 # Bytes a record adds to its key and value in a v2 batch (headers aside), well above the
 # real overhead: below it a record needs no exact size estimate.
@@ -176,13 +179,20 @@ class EventBus:
     so the linger never delays a worker's one message."""
 
     def __init__(
-        self, settings: Settings, *, send_timeout_s: float = 30.0, sign: Signer | None = None
+        self,
+        settings: Settings,
+        *,
+        send_timeout_s: float = 30.0,
+        sign: Signer | None = None,
+        sign_content: ContentSigner | None = None,
     ) -> None:
         from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
         self._timeout = send_timeout_s
         self._sign: Signer = sign or (lambda env: env)
+        # The same signature from the canonical bytes alone (batched sends: no model at all).
+        self._sign_content = sign_content
         self.max_request_bytes = settings.kafka_max_request_bytes
         self.compression = compression_for(settings.kafka_compression)
         security = kafka_client_config(settings)
@@ -242,14 +252,17 @@ class EventBus:
         items: Sequence[tuple[str, dict[str, Any]]],
         *,
         trace_id: str | None = None,
+        texts: Sequence[str] | None = None,
     ) -> Callable[[], int]:
         """Send one envelope per (key, payload) without waiting; the callable returned waits
         for every ack (BusError, one line, when one failed) and returns the count. The
         producer's batching does the rest: a fan-out sends a chunk, writes the next chunk's
-        rows, then confirms."""
+        rows, then confirms. `texts`: see `encode_payloads`."""
         from kafka.errors import KafkaError
 
-        headers, records = self.encode_payloads(topic, event_type, schema_version, items, trace_id=trace_id)
+        headers, records = self.encode_payloads(
+            topic, event_type, schema_version, items, trace_id=trace_id, texts=texts
+        )
         try:
             futures = [self._producer.send(topic, value=v, key=k, headers=headers) for k, v in records]
         except KafkaError as exc:
@@ -276,32 +289,38 @@ class EventBus:
         items: Sequence[tuple[str, dict[str, Any]]],
         *,
         trace_id: str | None = None,
+        texts: Sequence[str] | None = None,
     ) -> tuple[Headers, list[tuple[bytes, bytes]]]:
         """The headers and the (key, value) records of signed envelopes, one per (key, payload).
 
         `payload` is the payload's canonical JSON-ready dict, as `Envelope.signed_content`
-        computes it from the parsed model (`schemas.events._canonical` of its python dump):
-        envelope, signature and record come from it with two `json.dumps` and one HMAC, no
-        model per message. A record over `kafka_max_request_bytes` raises MessageTooLarge
-        before anything of the batch is sent."""
+        computes it from the parsed model (`schemas.events._canonical` of its python dump);
+        `texts`, when given, holds each payload's `canonical_json` already (an empty text:
+        serialize that one here). The envelope's canonical bytes are spliced around that
+        text (the envelope's own keys sorted), signed with one HMAC, and the record is those
+        bytes with the signature appended: one serialization a message, no model. A record
+        over `kafka_max_request_bytes` raises MessageTooLarge before anything of the batch
+        is sent."""
         trace = trace_id or uuid.uuid4().hex
         headers = headers_for(trace)
-        occurred_at = to_jsonable_python(datetime.now(UTC))
+        occurred_at = canonical_json(to_jsonable_python(datetime.now(UTC)))
+        # Envelope keys in sorted order around the payload: id, occurred_at, payload,
+        # schema_version, trace_id, type (schemas.events.Envelope).
+        head = '{"id":"'
+        mid = f'","occurred_at":{occurred_at},"payload":'
+        tail = (
+            f',"schema_version":{int(schema_version)},"trace_id":{canonical_json(trace)},'
+            f'"type":{canonical_json(event_type)}}}'
+        )
         shell = _Presigned.model_construct(type=event_type, trace_id=trace, payload=None, signature=None)
+        ids = os.urandom(16 * len(items))
         records: list[tuple[bytes, bytes]] = []
-        for key, payload in items:
-            env: dict[str, Any] = {
-                "id": str(uuid.uuid4()),
-                "type": event_type,
-                "schema_version": schema_version,
-                "occurred_at": occurred_at,
-                "trace_id": trace,
-                "payload": payload,
-            }
-            signature = self._signature(env, shell)
-            if signature is not None:
-                env["signature"] = signature
-            value = json.dumps(env, ensure_ascii=False, separators=(",", ":")).encode()
+        for i, (key, payload) in enumerate(items):
+            text = texts[i] if texts is not None and texts[i] else canonical_json(payload)
+            event_id = uuid.UUID(bytes=ids[16 * i : 16 * i + 16], version=4)
+            content = f"{head}{event_id}{mid}{text}{tail}".encode()
+            signature = self._signature(content, shell)
+            value = content if signature is None else content[:-1] + b',"signature":' + signature + b"}"
             kb = key.encode()
             if len(value) + len(kb) + _RECORD_SLACK > self.max_request_bytes:
                 size = record_size(kb, value, headers)
@@ -313,14 +332,21 @@ class EventBus:
             records.append((kb, value))
         return headers, records
 
-    def _signature(self, env: dict[str, Any], shell: _Presigned) -> dict[str, str] | None:
-        """The signature of an envelope given as its canonical dict (no `signature` key);
-        `shell` carries the canonical bytes to the Signer (one shell serves a whole batch)."""
-        shell._content = json.dumps(env, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        signed = self._sign(shell).signature
-        if signed is None:
-            return None
-        return {"key_id": signed.key_id, "hmac_sha256": signed.hmac_sha256}
+    def _signature(self, content: bytes, shell: _Presigned) -> bytes | None:
+        """The JSON of the signature of an envelope's canonical bytes (None: unsigned).
+        Without a content signer, `shell` carries the bytes to the Signer (one shell serves
+        a whole batch)."""
+        if self._sign_content is not None:
+            sig = self._sign_content(content)
+            if sig is None:
+                return None
+        else:
+            shell._content = content
+            signed = self._sign(shell).signature
+            if signed is None:
+                return None
+            sig = {"hmac_sha256": signed.hmac_sha256, "key_id": signed.key_id}
+        return canonical_json(sig).encode()
 
     def send_raw(
         self,

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
+from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import PrivateAttr
@@ -168,6 +168,11 @@ class _Presigned(Envelope[Any]):
 
     def signed_content(self) -> bytes:
         return self._content
+
+
+@lru_cache(maxsize=16)
+def _key_id_json(key_id: str) -> str:
+    return canonical_json(key_id)
 
 
 class EventBus:
@@ -340,6 +345,9 @@ class EventBus:
             sig = self._sign_content(content)
             if sig is None:
                 return None
+            digest, key_id = sig["hmac_sha256"], sig["key_id"]
+            if digest.isalnum() and digest.isascii():  # hex: nothing to escape
+                return f'{{"hmac_sha256":"{digest}","key_id":{_key_id_json(key_id)}}}'.encode()
         else:
             shell._content = content
             signed = self._sign(shell).signature

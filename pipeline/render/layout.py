@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -143,11 +143,13 @@ def _wrap(toks: Sequence[str], widths: Sequence[float], space: float, limit: flo
     return ["".join(ln).strip() for ln in lines if "".join(ln).strip()]
 
 
-def balanced_lines(text: str, font: ImageFont.FreeTypeFont, max_lines: int) -> list[list[str]]:
-    """For k = 1..max_lines, the narrowest wrapping with at most k lines (deduplicated)."""
+def balanced_lines(text: str, font: ImageFont.FreeTypeFont, max_lines: int) -> Iterator[list[str]]:
+    """For k = 1..max_lines, the narrowest wrapping with at most k lines (deduplicated),
+    each computed only when the caller asks for it."""
     paragraphs = [p.strip() for p in text.split("\n") if p.strip()]
     if len(paragraphs) > 1:  # explicit lines are kept as they are
-        return [paragraphs]
+        yield paragraphs
+        return
     toks = tokens(paragraphs[0] if paragraphs else text)
     widths = [font.getlength(t) for t in toks]
     space = font.getlength(" ")
@@ -167,7 +169,7 @@ def balanced_lines(text: str, font: ImageFont.FreeTypeFont, max_lines: int) -> l
                 lo = mid
         if len(best) <= k and best not in out:
             out.append(best)
-    return out
+            yield best
 
 
 def _measure(face: FontFace, lines: Sequence[str], size: int, leading: float) -> FittedText:
@@ -206,7 +208,9 @@ def fit_block(
     if min_size > max_size:
         min_size = max_size
 
-    def best_at(size: int) -> tuple[float, FittedText] | None:
+    def best_at(size: int, *, first: bool = False) -> tuple[float, FittedText] | None:
+        """The best-scoring layout at `size` (`first`: the first that fits, in the order of
+        balanced_lines: fewest lines first)."""
         font = load_font(face, size)
         best: tuple[float, FittedText] | None = None
         for lines in balanced_lines(text, font, max_lines):
@@ -215,12 +219,15 @@ def fit_block(
             m = _measure(face, lines, size, leading)
             if m.width <= max_width and m.height <= max_height:
                 score = size / (1 + LINE_PENALTY * (len(lines) - 1))
+                if first:
+                    return score, m
                 if best is None or score > best[0]:
                     best = (score, m)
         return best
 
     # fits(size) is monotone enough for a binary search on the largest size that fits
-    if best_at(min_size) is None:
+    smallest = best_at(min_size, first=check_only)
+    if smallest is None:
         raise TextDoesNotFit(
             f"text {text!r} does not fit in {max_width}x{max_height} px in {max_lines} lines "
             f"even at {min_size} px",
@@ -228,9 +235,7 @@ def fit_block(
             max_lines=max_lines,
         )
     if check_only:
-        smallest = best_at(min_size)
-        if smallest is not None:
-            return smallest[1]
+        return smallest[1]
     lo, hi = min_size, max_size
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -236,3 +236,34 @@ def test_intake_memory_does_not_grow_with_the_audience(tmp_path: Path) -> None:
         finally:
             c.close()
     assert peaks[40_000] - peaks[2_000] < 15, peaks
+
+
+def test_batched_envelopes_are_the_signed_envelopes_a_consumer_checks(fanout_settings: Settings) -> None:
+    """The batched encoder splices each envelope around its payload's canonical text: what a
+    consumer parses, re-serializes and verifies is exactly that, whatever a name holds."""
+    from pipeline.campaigns import RequestFactory
+
+    c = Container(fanout_settings)
+    try:
+        brief = brief_for("fan-splice", "aud/none.csv")
+        tricky = ['引号"与\\反斜杠', "Zoë O'Neil", "Ĳ ǅ ﬁ", "😀 emoji", "</script>&<b>"]
+        recipients = [Recipient(id=f"s-{i}", name=n, locale="en") for i, n in enumerate(tricky)]
+        factory = RequestFactory(brief, c.job_ids)
+        rows, payloads = factory.build(recipients)
+        items = [(row.job_id, p) for row, p in zip(rows, payloads, strict=True)]
+        texts = [row.request_text for row in rows]
+        for given in (texts, None, [""] * len(texts)):
+            _, records = c.bus.encode_payloads(
+                RENDER_REQUESTS, RenderRequested.event_type, 1, items, trace_id="t-1", texts=given
+            )
+            assert len({json.loads(v)["id"] for _, v in records}) == len(records)
+            for (key, value), row, r in zip(records, rows, recipients, strict=True):
+                env = parse_envelope(value, RenderRequested)
+                assert c.producer_keys.verify(env, what="render request")
+                assert key.decode() == row.job_id == str(env.payload.job_id)
+                assert env.payload.recipient.name == r.name
+                # the bytes signed are the canonical bytes the consumer recomputes
+                assert value.startswith(env.signed_content()[:-1])
+                assert json.loads(row.request_text) == row.request_json
+    finally:
+        c.close()

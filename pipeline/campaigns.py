@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import pickle
 import tempfile
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
@@ -55,14 +58,16 @@ def parse_brief(data: Any, *, source: str = "brief", settings: Settings | None =
         raise BriefError(f"{source}: not a valid campaign brief: {'; '.join(problems)}{more}") from None
 
 
-def check_template_fields(brief: CampaignBrief, audience: list[Recipient]) -> None:
+def check_template_fields(
+    brief: CampaignBrief, audience: list[Recipient], settings: Settings | None = None
+) -> None:
     """Accepting a brief checks it against its template (pipeline/render/templates.py): the
     template exists, supports each recipient's locale, gets every merge field it uses (a
     required photo, a name some installed font can draw). A problem is a BriefError now,
     not a failed render later."""
     from pipeline.render.templates import check_recipients
 
-    settings = get_settings()
+    settings = settings or get_settings()
     problems = check_recipients(
         brief.template,
         audience,
@@ -271,38 +276,164 @@ def _fit_key(r: Recipient) -> tuple[str, str, bool, bool]:
     return r.name, r.locale.value, r.photo_key is not None, unanimated
 
 
+def _fit_problem(
+    brief: CampaignBrief, todo: list[Recipient], detail: list[Recipient], settings: Settings
+) -> str | None:
+    """`check_template_fields` in a fit worker process: None, or the error's text (measured
+    over `detail`, every recipient of the chunk with one of those shapes, as the plain check
+    names them)."""
+    try:
+        check_template_fields(brief, todo, settings)
+    except BriefError as exc:
+        try:
+            check_template_fields(brief, detail, settings)
+        except BriefError as full:
+            return str(full)
+        return str(exc)
+    return None
+
+
 class TemplateFit:
     """`check_template_fields` over a stream of chunks: a (name, locale, photo) shape that
     fitted once is not measured again (names repeat a lot in real audiences). A chunk with
-    a problem is checked in full, so the error names its recipients as the plain check does."""
+    a problem is checked in full, so the error names its recipients as the plain check does.
+
+    With `workers`, the chunks after the first are measured in that many worker processes
+    while the caller reads on; `drain` then waits for them and raises the first problem, in
+    chunk order. A worker pool that cannot start leaves the checks in this process."""
 
     MAX_SHAPES = 200_000  # remembered shapes; past that the memory starts afresh
+    MAX_PENDING = 400  # chunks handed to the workers and not measured yet
 
-    def __init__(self, brief: CampaignBrief) -> None:
+    def __init__(self, brief: CampaignBrief, *, workers: int = 0, settings: Settings | None = None) -> None:
         self.brief = brief
         self._fits: set[tuple[str, str, bool, bool]] = set()
         self._lock = threading.Lock()
+        self._workers = workers
+        self._settings = settings
+        self._pool: ProcessPoolExecutor | None = None
+        self._pending: deque[Future[str | None]] = deque()
+        self._checks = 0
 
     def check(self, audience: Sequence[Recipient]) -> None:
         with self._lock:
+            self._checks += 1
+            if self._workers > 0 and self._checks > 1 and self._submit(audience):
+                return
             self._check(audience)
 
-    def _check(self, audience: Sequence[Recipient]) -> None:
+    def drain(self) -> None:
+        """Wait for the chunks handed to the workers; BriefError for the first problem. Later
+        checks run in this process."""
+        with self._lock:
+            self._workers = 0
+            try:
+                while self._pending:
+                    self._settle(self._pending.popleft())
+            finally:
+                self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        self._pending.clear()
+
+    def _todo(self, audience: Sequence[Recipient]) -> dict[tuple[str, str, bool, bool], Recipient]:
         todo: dict[tuple[str, str, bool, bool], Recipient] = {}
         for r in audience:
             key = _fit_key(r)
             if key not in self._fits and key not in todo:
                 todo[key] = r
+        return todo
+
+    def _remember(self, shapes: Iterable[tuple[str, str, bool, bool]], count: int) -> None:
+        if len(self._fits) + count > self.MAX_SHAPES:
+            self._fits.clear()
+        self._fits.update(shapes)
+
+    def _check(self, audience: Sequence[Recipient]) -> None:
+        todo = self._todo(audience)
         if not todo:
             return
         try:
-            check_template_fields(self.brief, list(todo.values()))
+            check_template_fields(self.brief, list(todo.values()), self._settings)
         except BriefError:
-            check_template_fields(self.brief, [r for r in audience if _fit_key(r) not in self._fits])
+            check_template_fields(
+                self.brief, [r for r in audience if _fit_key(r) not in self._fits], self._settings
+            )
             raise
-        if len(self._fits) + len(todo) > self.MAX_SHAPES:
-            self._fits.clear()
-        self._fits.update(todo)
+        self._remember(todo, len(todo))
+
+    def _submit(self, audience: Sequence[Recipient]) -> bool:
+        """Hand the chunk's new shapes to a worker (False: no pool, check here). A shape in
+        flight counts as known to later chunks: if it does not fit, `drain` fails the whole
+        intake anyway."""
+        todo = self._todo(audience)
+        if not todo:
+            return True
+        try:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self._workers, mp_context=multiprocessing.get_context("spawn")
+                )
+            detail = [r for r in audience if _fit_key(r) in todo]
+            fut = self._pool.submit(
+                _fit_problem, self.brief, list(todo.values()), detail, self._settings or get_settings()
+            )
+        except (OSError, RuntimeError, AssertionError) as exc:  # e.g. a daemonic process
+            log.info("template fit: no worker process (%s); measuring here", exc)
+            self._workers = 0
+            self.close()
+            return False
+        self._remember(todo, len(todo))
+        self._pending.append(fut)
+        while self._pending and (len(self._pending) > self.MAX_PENDING or self._pending[0].done()):
+            self._settle(self._pending.popleft())
+        return True
+
+    def _settle(self, fut: Future[str | None]) -> None:
+        try:
+            problem = fut.result()
+        except BrokenProcessPool as exc:
+            self.close()
+            raise BriefError(
+                f"brief {self.brief.campaign_id}: the template fit worker died ({exc})"
+            ) from None
+        if problem is not None:
+            self.close()
+            raise BriefError(problem)
+
+
+# The fields of a render request that differ between the recipients of one brief.
+_VARYING = ("job_id", "recipient", "locale", "requested_at")
+
+
+class _TextTemplate:
+    """The canonical JSON text of a dict whose top-level `keys` vary, from the texts of
+    those values alone: the rest is serialized once, with a marker where each key's value
+    goes. Same text as `canonical_json` of the whole dict (keys sorted, at any depth)."""
+
+    def __init__(self, proto: Mapping[str, Any], keys: Sequence[str]) -> None:
+        # a control character never survives validation: the markers cannot clash
+        marks = {k: canonical_json(f"\x00{k}\x00") for k in keys}
+        text = canonical_json({**proto, **{k: f"\x00{k}\x00" for k in keys}})
+        spots = sorted((text.index(mark), k) for k, mark in marks.items())
+        self._order = [k for _, k in spots]
+        self._parts: list[str] = []
+        at = 0
+        for pos, k in spots:
+            self._parts.append(text[at:pos])
+            at = pos + len(marks[k])
+        self._parts.append(text[at:])
+
+    def fill(self, values: Mapping[str, str]) -> str:
+        """The whole text, given each varying key's value as canonical JSON text."""
+        out = [self._parts[0]]
+        for k, part in zip(self._order, self._parts[1:], strict=True):
+            out.append(values[k])
+            out.append(part)
+        return "".join(out)
 
 
 class RequestFactory:
@@ -316,6 +447,7 @@ class RequestFactory:
         self.job_ids = job_ids
         proto = render_request_for(brief, Recipient(id="prototype", name="prototype"), job_ids)
         self._proto: dict[str, Any] = canonical(proto.model_dump(mode="python"))
+        self._text = _TextTemplate(self._proto, _VARYING)
 
     def prepare(self, recipients: Sequence[Recipient]) -> tuple[list[str], list[dict[str, Any]]]:
         """The job ids and the canonical recipient dicts of a chunk (what `rows_of` takes)."""
@@ -338,19 +470,27 @@ class RequestFactory:
         requested_at = to_jsonable_python(utcnow())
         rows: list[NewJob] = []
         payloads: list[dict[str, Any]] = []
+        at_text = canonical_json(requested_at)
+        fill = self._text.fill
         for job_id, rec in zip(job_ids, recs, strict=True):
+            locale = rec["locale"]
             payload = {
                 **self._proto,
                 "job_id": job_id,
                 "recipient": rec,
-                "locale": rec["locale"],
+                "locale": locale,
                 "requested_at": requested_at,
             }
+            text = fill(
+                {
+                    "job_id": canonical_json(job_id),
+                    "recipient": canonical_json(rec),
+                    "locale": canonical_json(locale),
+                    "requested_at": at_text,
+                }
+            )
             rows.append(
-                NewJob(
-                    job_id, b.campaign_id, rec["id"], name, version, rec["locale"], payload,
-                    canonical_json(payload),
-                )
+                NewJob(job_id, b.campaign_id, rec["id"], name, version, locale, payload, text)
             )  # fmt: skip
             payloads.append(payload)
         return rows, payloads
@@ -517,7 +657,12 @@ class CampaignService:
         return job
 
     def submit_brief(
-        self, brief: CampaignBrief, *, trace_id: str | None = None, owner: str | None = None
+        self,
+        brief: CampaignBrief,
+        *,
+        trace_id: str | None = None,
+        owner: str | None = None,
+        fit_workers: int = 0,
     ) -> SubmitResult:
         """Submit a whole brief: its inline recipients (`submit`), or its audience object,
         streamed. `owner`: the API tenant submitting it (None: the CLI or a DAG). A
@@ -531,7 +676,8 @@ class CampaignService:
         BriefError, naming the row) before any job exists. The second pass creates each
         chunk's jobs with one batched insert and sends its render requests as one batched
         produce, confirmed before the intake reports success (the sends of a chunk overlap
-        the insert of the next).
+        the insert of the next). `fit_workers`: processes that measure the template fit of
+        the second chunk on while this one reads (`TemplateFit`).
 
         A submission requests only the jobs it created. Existing jobs are left alone: their
         workers move them on, and a job stuck with no message left to move it (its request
@@ -546,11 +692,15 @@ class CampaignService:
         if self.audience is None:
             raise BriefError(f"brief {brief.campaign_id}: this intake cannot resolve audience_key audiences")
         t0 = time.perf_counter()
-        fit = TemplateFit(brief)
+        fit = TemplateFit(brief, workers=fit_workers)
         factory = RequestFactory(brief, self.job_ids)
         with tempfile.TemporaryFile(prefix="greetflow-intake-") as spill:
             # the validation pass: nothing is written but this process's own spill file
-            rows = _spill(self._prepare(brief, self.audience(brief), factory, fit), spill)
+            try:
+                rows = _spill(self._prepare(brief, self.audience(brief), factory, fit), spill)
+                fit.drain()
+            finally:
+                fit.close()
             validated_s = time.perf_counter() - t0
             log.info(
                 "campaign %s: %d recipients valid (%.1f s); submitting", brief.campaign_id, rows, validated_s
@@ -727,8 +877,8 @@ class CampaignService:
             existing = self.jobs.existing_jobs(old)
             if len(existing) < len(old):
                 # rows deleted since they were checked: checked now, then created again
-                kept = {e.job_id for e in existing}
-                back = [row for row in rows if row.job_id in set(old) - kept]
+                gone = set(old) - {e.job_id for e in existing}
+                back = [row for row in rows if row.job_id in gone]
                 fit.check([Recipient.model_validate(row.request_json["recipient"]) for row in back])
                 new_rows += back
         photos = [

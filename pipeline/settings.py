@@ -283,6 +283,9 @@ class Settings(BaseSettings):
     # Recipients per audience chunk: one batched insert and produce at intake, one mapped
     # publish task per chunk in a DAG run (1M recipients: 200 chunks).
     campaign_chunk_size: int = Field(default=5_000, ge=1, le=100_000)
+    # `greetflow submit`: worker processes that measure the template fit of an audience's
+    # names while the intake reads on (0: measured in the intake process).
+    intake_fit_workers: int = Field(default=1, ge=0, le=16)
     # Jobs per batched insert and produce when a DAG task submits its chunk.
     campaign_batch_size: int = Field(default=5_000, ge=1)
     # A run waits at most this long after its requests were published; then it reports and fails.

@@ -117,10 +117,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.bootstrap import Container
     from pipeline.campaigns import load_brief
 
+    settings = get_settings()
     brief = load_brief(Path(args.brief))
-    container = Container(get_settings())
+    container = Container(settings)
     try:
-        result = container.campaigns().submit_brief(brief)
+        result = container.campaigns().submit_brief(brief, fit_workers=settings.intake_fit_workers)
         print(
             f"campaign {result.campaign_id}: {result.total} jobs, {result.created} new, "
             f"{result.requested} render requests sent, {result.already_final} already final"

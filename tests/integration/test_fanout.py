@@ -36,7 +36,7 @@ from pipeline.topics import RENDER_REQUESTS
 from pipeline.trust import check_request_matches_row
 from schemas.brief import CampaignBrief, Recipient
 from schemas.common import utcnow
-from schemas.events import RenderRequested, parse_envelope
+from schemas.events import RenderRequested, canonical_json, parse_envelope
 from schemas.jobs import JobState
 from tests.integration.db_fixtures import postgres_database
 from tests.integration.pipeline_fixtures import stack_settings
@@ -264,6 +264,33 @@ def test_batched_envelopes_are_the_signed_envelopes_a_consumer_checks(fanout_set
                 assert env.payload.recipient.name == r.name
                 # the bytes signed are the canonical bytes the consumer recomputes
                 assert value.startswith(env.signed_content()[:-1])
-                assert json.loads(row.request_text) == row.request_json
+                assert row.request_text == canonical_json(row.request_json)
+    finally:
+        c.close()
+
+
+def test_rows_deleted_between_the_passes_are_checked_and_created_again(
+    fanout_settings: Settings,
+) -> None:
+    """A row that existed when its chunk was validated and is gone when the chunk is stored
+    (deleted in between) is fitted to the template and created again, not lost."""
+    from pipeline.campaigns import RequestFactory, TemplateFit, _Prepared
+
+    c = Container(fanout_settings)
+    try:
+        brief = brief_for("fan-gone", "aud/none.csv")
+        svc = c.campaigns()
+        recipients = [Recipient(id=f"g-{i}", name=n, locale=loc) for i, (n, loc) in enumerate(NAMES)]
+        factory = RequestFactory(brief, c.job_ids)
+        ids, recs = factory.prepare(recipients)
+        # the first row still exists; the other three were seen and then deleted
+        first, _ = factory.rows_of(ids[:1], recs[:1])
+        assert c.jobs.create_many(first, actor="test").created == {ids[0]}
+        stored = svc._store(
+            brief, _Prepared(ids, recs, [False] * len(ids)), factory, TemplateFit(brief), None
+        )
+        assert stored.created == frozenset(ids[1:])
+        assert [e.job_id for e in stored.existing] == [ids[0]]
+        assert sum(c.jobs.counts_by_state("fan-gone").values()) == len(ids)
     finally:
         c.close()

@@ -98,7 +98,7 @@ def test_summary_counts_unfinished_swept_and_failed() -> None:
 class FakeCampaigns:
     records: list[JobRecord]
 
-    def submit(self, brief: Any) -> SubmitResult:
+    def submit(self, brief: Any, **_: Any) -> SubmitResult:
         return SubmitResult(
             "c", tuple(r.job_id for r in self.records), len(self.records), len(self.records), 0
         )
